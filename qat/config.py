@@ -1,0 +1,226 @@
+"""Recipes: a typed schema with defaults, a YAML diff per recipe, and `key=value` overrides.
+
+A run is described by one `Recipe` (nested dataclasses below). Its value is resolved in three layers,
+later layers winning:
+
+    defaults (this file)  ⊕  recipes/NAME.yaml  ⊕  command-line `a.b=value` pairs
+
+so a recipe file is a short diff from the defaults, and `recipe=tiny_qwen3_int4 train.lr=1e-4` tweaks one
+value. The merge is plain OmegaConf on a structured (dataclass) config: an unknown key or a value of the
+wrong type fails loudly, and `OmegaConf.to_object` hands the code real dataclasses whose `__post_init__`
+checks the values the type system cannot (bits ∈ {2,3,4,8,16}, …). Every failure is a `RecipeError`
+with one readable line; entry points turn it into exit code 2 (`exit_on_error`).
+
+The resolved recipe is written next to every output (`save_recipe`), so a result always carries the
+exact settings that produced it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe or command line that cannot be run; the message is one line for the user."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise RecipeError(msg)
+
+
+@dataclass
+class ModelConfig:
+    family: str = "qwen3"  # qwen3 | coda
+    path: str = "checkpoints/tiny-qwen3"  # local directory or hub id
+    dtype: str = "float32"  # master-weight dtype: float32 | bfloat16 (compute dtype comes from train.mixed_precision)
+    attn: str = "sdpa"  # eager | sdpa | flash_attention_2 (falls back to sdpa when flash-attn is unusable)
+
+    def __post_init__(self) -> None:
+        _check(self.family in ("qwen3", "coda"), f"model.family must be qwen3 or coda, got {self.family!r}")
+        _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        _check(
+            self.attn in ("eager", "sdpa", "flash_attention_2"),
+            f"model.attn must be eager, sdpa or flash_attention_2, got {self.attn!r}",
+        )
+
+
+@dataclass
+class QuantConfig:
+    """Weight quantization settings (the `quant` section of a recipe); see qat/quant.py for the math."""
+
+    bits: int = 4  # 2 | 3 | 4 | 8; 16 = no quantization (the float baseline)
+    group_size: int = 128  # weights per scale along the input dimension; -1 = one scale per output channel
+    symmetric: bool = True  # signed grid, zero point 0; False = unsigned grid with an integer zero point
+    init: str = "rtn"  # how the quantizer state starts: rtn (gptq, awq: PTQ baselines, issue 4)
+    mse: bool = False  # at init, search a clipping ratio per group that minimises the squared error
+    scales: str = "static"  # static: fixed at init | dynamic: re-derived from w every forward | lsq: learned
+    skip: list[str] = field(default_factory=lambda: ["lm_head", "*embed*"])  # fnmatch patterns on module names
+
+    def __post_init__(self) -> None:
+        _check(self.bits in (2, 3, 4, 8, 16), f"quant.bits must be one of 2, 3, 4, 8, 16, got {self.bits}")
+        _check(self.group_size == -1 or self.group_size > 0, f"quant.group_size must be -1 or > 0, got {self.group_size}")
+        _check(self.init in ("rtn", "gptq", "awq"), f"quant.init must be rtn, gptq or awq, got {self.init!r}")
+        _check(self.init == "rtn", f"quant.init={self.init} is not implemented yet (PTQ baselines); use quant.init=rtn")
+        _check(
+            self.scales in ("static", "dynamic", "lsq"),
+            f"quant.scales must be static, dynamic or lsq, got {self.scales!r}",
+        )
+        _check(not (self.mse and self.scales == "dynamic"), "quant.mse needs static or lsq scales (dynamic re-derives them)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+
+@dataclass
+class DataConfig:
+    path: str = "stdlib"  # jsonl/parquet file, directory of source files, `stdlib` (this Python's), or a hub id
+    glob: str = "*.py"  # files taken from a directory (recursively)
+    text_field: str = "content"  # column holding the code in jsonl/parquet/hub data
+    split: str = "train"  # hub split
+    max_docs: int = 0  # use the first N documents (sorted, deterministic); 0 = all
+
+    def __post_init__(self) -> None:
+        _check(self.max_docs >= 0, f"data.max_docs must be >= 0, got {self.max_docs}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps; 0 = PTQ only (prepare → convert → save)
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 0  # linear warmup steps
+    weight_decay: float = 0.0  # on 2-D weights only
+    batch_size: int = 8  # sequences per device per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 512  # tokens per packed sequence
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    kd: float = 0.0  # distillation weight: loss = (1 - kd) * CE + kd * T² * KL(teacher ‖ student)
+    kd_temperature: float = 1.0
+    kd_teacher: str = "self"  # self: same weights, fake quant off (no copy) | frozen: a frozen copy of the start
+    fake_quant_after: int = 0  # delayed fake quant: train in float for this many steps first
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
+    seed: int = 0
+    log_every: int = 1
+    quant_stats: bool = True  # log quantization error and integer-level flips every log step
+    save_every: int = 0  # save_state every N steps (0 = never mid-run)
+    keep_checkpoints: int = 2  # newest N checkpoints kept
+    resume: str = "none"  # none | auto (newest checkpoint in out_dir, else start fresh) | path to a checkpoint
+    stop_after: int = 0  # end this invocation after N more steps with a checkpoint (time-boxed jobs); 0 = run to the end
+
+    def __post_init__(self) -> None:
+        for k in ("steps", "warmup", "fake_quant_after", "save_every", "stop_after"):
+            _check(getattr(self, k) >= 0, f"train.{k} must be >= 0, got {getattr(self, k)}")
+        _check(self.lr >= 0, f"train.lr must be >= 0, got {self.lr}")
+        for k in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints"):
+            _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
+        _check(0.0 <= self.kd <= 1.0, f"train.kd must be in [0, 1], got {self.kd}")
+        _check(self.kd_temperature > 0, f"train.kd_temperature must be > 0, got {self.kd_temperature}")
+        _check(self.kd_teacher in ("self", "frozen"), f"train.kd_teacher must be self or frozen, got {self.kd_teacher!r}")
+        _check(
+            self.mixed_precision in ("auto", "no", "bf16", "fp16"),
+            f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}",
+        )
+
+
+@dataclass
+class Recipe:
+    name: str = "default"
+    out_dir: str = "checkpoints/${name}"  # outputs: recipe.yaml, logs/, checkpoints/, final/
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _recipe_file(name: str) -> Path:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise RecipeError(f"unknown recipe {name!r} (no {path}); shipped recipes: {known}")
+    return path
+
+
+def _one_line(e: Exception) -> str:
+    msg = getattr(e, "msg", None) or str(e)
+    key = getattr(e, "full_key", None)
+    msg = msg.strip().splitlines()[0]
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def load_recipe(argv: Sequence[str] = ()) -> Recipe:
+    """Resolve `["recipe=NAME", "a.b=value", ...]` into a validated Recipe; raises RecipeError."""
+    args = list(argv)
+    for a in args:
+        _check("=" in a and not a.startswith("-"), f"arguments are key=value pairs, got {a!r}")
+    name = "default"
+    for a in [a for a in args if a.startswith("recipe=")]:
+        name = a.split("=", 1)[1]
+        args.remove(a)
+    try:
+        layers = [OmegaConf.structured(Recipe)]
+        if name != "default":
+            file_cfg = OmegaConf.load(_recipe_file(name))
+            if "name" not in file_cfg:
+                file_cfg.name = Path(name).stem
+            layers.append(file_cfg)
+        layers.append(OmegaConf.from_dotlist(args))
+        cfg = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(cfg)
+    except RecipeError:
+        raise
+    except (OmegaConfBaseException, ValueError, TypeError) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, RecipeError) else e
+        raise RecipeError(_one_line(cause)) from None
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def from_yaml(text: str) -> Recipe:
+    """Inverse of `to_yaml` (validated against the schema)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.create(text)))
+
+
+def save_recipe(recipe: Recipe, directory: str | Path) -> Path:
+    path = Path(directory) / "recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(recipe))
+    return path
+
+
+def flatten(recipe: Recipe) -> dict[str, Any]:
+    """{"quant.bits": 4, ...}: the form TensorBoard's hparams accept (lists become strings)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True))
+    return out
+
+
+@contextmanager
+def exit_on_error(*errors: type[BaseException]) -> Iterator[None]:
+    """Turn user errors into one line on stderr and exit code 2 (no traceback)."""
+    try:
+        yield
+    except (RecipeError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

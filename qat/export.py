@@ -1,0 +1,126 @@
+"""The artifact every run ends with: an HF-style directory with packed integer weights.
+
+Layout of `<out_dir>/final/`:
+
+    config.json, generation_config.json   the model's transformers config (unchanged)
+    tokenizer files                       as the tokenizer saves them
+    model.safetensors                     float tensors as trained (embeddings, norms, skipped linears) and,
+                                          per quantized linear, `qweight` (uint8, codes packed `bits` per
+                                          value), `scale` (float32 [out, in/group]) and, when asymmetric,
+                                          `zero_point` (float32)
+    quantization.json                     format tag, the quant settings, the dtype and every quantized
+                                          module with its bits/group/symmetry (per-module, so mixed
+                                          precision needs no other format)
+    recipe.yaml                           the resolved recipe that produced it
+
+`load_artifact` rebuilds the transformers model from config.json, swaps the listed linears for
+QuantizedLinear shells and loads the tensors strictly, so a loaded artifact computes exactly what the
+converted model computed. A float baseline (quant.bits=16) is the same directory with no quantized modules.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from qat.config import Recipe, save_recipe
+from qat.modules import QuantizedLinear
+
+QUANT_FILE = "quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "qat-packed-v1"
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / QUANT_FILE).is_file()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_artifact(model: nn.Module, tokenizer, recipe: Recipe | None, out: str | Path) -> Path:
+    """Write a converted (or float) model as an artifact directory; returns its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    modules = {
+        name: {"bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric, "bias": m.bias is not None}
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedLinear)
+    }
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    save_model(model, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "dtype": _dtype_name(dtype),
+        "quant": None if recipe is None else _plain(recipe.quant),
+        "modules": modules,
+    }
+    (out / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if recipe is not None:
+        save_recipe(recipe, out)
+    return out
+
+
+def _plain(dc) -> dict:
+    from dataclasses import asdict
+
+    return asdict(dc)
+
+
+def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str = "sdpa"):
+    """(model, tokenizer) from an artifact directory written by `save_artifact`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qat.models.qwen3 import resolve_attn
+    from qat.swap import _replace
+
+    path = Path(path)
+    meta = json.loads((path / QUANT_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown artifact format {meta.get('format')!r} (expected {FORMAT})")
+    saved = getattr(torch, meta["dtype"])
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=saved, attn_implementation=resolve_attn(attn))
+    for name, m in meta["modules"].items():
+        lin = model.get_submodule(name)
+        _replace(model, name, QuantizedLinear(lin.in_features, lin.out_features, m["bits"], m["group_size"],
+                                              m["symmetric"], m["bias"], saved))  # fmt: skip
+    missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if dtype is not None and dtype != saved:  # cast float tensors, never the codes/scales
+        for m in model.modules():
+            for p in m.parameters(recurse=False):
+                p.data = p.data.to(dtype)
+            if isinstance(m, QuantizedLinear):
+                m.dtype = dtype
+            else:
+                for name, b in m.named_buffers(recurse=False):
+                    if b is not None and b.is_floating_point():
+                        setattr(m, name, b.to(dtype))
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def size_report(model: nn.Module, path: str | Path) -> dict[str, float]:
+    """Bytes of the weights file vs the same model stored in bf16 (2 bytes per parameter)."""
+    n_params = 0
+    seen: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            n_params += m.in_features * m.out_features
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                n_params += p.numel()
+    disk = (Path(path) / WEIGHTS_FILE).stat().st_size
+    return {"bytes": disk, "bf16_bytes": 2 * n_params, "ratio": disk / (2 * n_params)}

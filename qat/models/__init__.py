@@ -1,0 +1,49 @@
+"""Model families and the one loader: `load(path) -> (model, tokenizer)`.
+
+`path` is a released checkpoint (local directory or hub id) or an artifact this toolkit wrote
+(`<out_dir>/final/`, recognised by its `quantization.json`). The family comes from `config.json`'s
+`model_type`: `qwen3` (and other causal LMs) → qat.models.qwen3; `CoDA` → the diffusion family.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from qat.models import qwen3
+
+FAMILIES: dict[str, ModuleType] = {"qwen3": qwen3}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def family_of(path: str) -> str:
+    """Family name from a checkpoint's config.json (`model_type`)."""
+    local = Path(path) / "config.json"
+    if local.is_file():
+        model_type = json.loads(local.read_text()).get("model_type", "")
+    else:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(path).model_type
+    return "coda" if model_type.lower() == "coda" else "qwen3"
+
+
+def adapter(family: str) -> ModuleType:
+    if family not in FAMILIES:
+        raise NotImplementedError(f"model family {family!r} is not available yet (have: {', '.join(FAMILIES)})")
+    return FAMILIES[family]
+
+
+def load(path: str | Path, dtype: str | torch.dtype | None = None, attn: str = "sdpa"):
+    """(model, tokenizer) from a released checkpoint or one of our artifacts; eval mode."""
+    from qat import export
+
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if export.is_artifact(path):
+        model, tok = export.load_artifact(path, dtype=dtype, attn=attn)
+    else:
+        model, tok = adapter(family_of(str(path))).load(str(path), dtype=dtype or torch.float32, attn=attn)
+    return model.eval(), tok

@@ -1,0 +1,159 @@
+"""The modules a model is swapped to: FakeQuantLinear for training, QuantizedLinear for the artifact.
+
+FakeQuantLinear *is* an nn.Linear (PEFT, HF save/load and isinstance checks keep working) that reuses the
+original `weight` and `bias` Parameter objects, so optimizers, state_dict keys and tied references are
+unchanged by the swap. Its quantizer state lives in a child `weight_quantizer` (keys
+`<name>.weight_quantizer.scale` / `.zero_point`), created at swap time and never lazily: an optimizer,
+DeepSpeed or FSDP built after `prepare` sees every parameter.
+
+    scales="static"   scale/zero are buffers fixed at init (RTN, optionally MSE-clipped)
+    scales="dynamic"  re-derived from the current weight (min/max) at every forward, no state used
+    scales="lsq"      scale/zero are Parameters trained with LSQ gradients
+
+QuantizedLinear holds what the artifact stores: packed integer codes (`bits` bits each), float32 scales and
+(asymmetric only) float32 zero points holding integers (a learned zero point may leave [qmin, qmax]). Its forward dequantizes and runs the same `quant.linear` as the fake-quant path, so a
+converted model computes exactly what the prepared model computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qat import quant
+from qat.config import QuantConfig
+
+
+class WeightQuantizer(nn.Module):
+    """Per-group scale (and zero point) for one [out, in] weight."""
+
+    def __init__(self, out_features: int, in_features: int, cfg: QuantConfig, device=None):
+        super().__init__()
+        self.bits, self.symmetric, self.mode = cfg.bits, cfg.symmetric, cfg.scales
+        self.n_groups = quant.group_count(in_features, cfg.group_size)
+        self.mse = cfg.mse
+        shape = (out_features, self.n_groups)
+        scale = torch.ones(shape, device=device)
+        zero = None if cfg.symmetric else torch.zeros(shape, device=device)
+        if self.mode == "lsq":
+            self.scale = nn.Parameter(scale)
+            self.zero_point = None if zero is None else nn.Parameter(zero)
+        else:
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero_point", zero)
+
+    @torch.no_grad()
+    def init_from(self, weight: Tensor) -> None:
+        """RTN initialisation (MSE-clipped when configured) from the weight."""
+        find = quant.mse_qparams if self.mse else quant.minmax_qparams
+        s, z = find(weight, self.bits, self.n_groups, self.symmetric)
+        self.scale.copy_(s)
+        if z is not None:
+            self.zero_point.copy_(z)
+
+    def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.mode == "dynamic":
+            return quant.minmax_qparams(weight, self.bits, self.n_groups, self.symmetric)
+        return self.scale, self.zero_point
+
+    @torch.no_grad()
+    def codes(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(integer codes [out, in] as float32, scale, integer zero point) for `weight`."""
+        s, z = self.qparams(weight)
+        z = None if z is None else torch.round(z)
+        return quant.quantize(weight, s, z, self.bits, self.symmetric), s.detach(), z
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """ŵ by the reference autograd path (used for checks and statistics; training uses the fused op)."""
+        s, z = self.qparams(weight)
+        return quant.fake_quantize(weight, s, z, self.bits, self.symmetric, lsq=self.mode == "lsq")
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, groups={self.n_groups}, symmetric={self.symmetric}, scales={self.mode}"
+
+
+class FakeQuantLinear(nn.Linear):
+    """nn.Linear whose forward uses fake-quantized weights while `enabled` (the float linear otherwise)."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight_quantizer = WeightQuantizer(out_features, in_features, cfg, device=device)
+        self.enabled = True
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> FakeQuantLinear:
+        """Swap target sharing `linear`'s Parameter objects; the quantizer is RTN-initialised from them."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.weight_quantizer = WeightQuantizer(linear.out_features, linear.in_features, cfg, device=linear.weight.device)
+        new.weight_quantizer.init_from(linear.weight)
+        new.enabled = True
+        new.train(linear.training)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """The float nn.Linear again, with the same Parameters (fake quant removed, nothing baked)."""
+        lin = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = self.in_features, self.out_features
+        lin.weight, lin.bias = self.weight, self.bias
+        lin.train(self.training)
+        return lin
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return super().forward(x)
+        q = self.weight_quantizer
+        s, z = q.qparams(self.weight)
+        return quant.fake_quant_linear(x, self.weight, self.bias, s, z, q.bits, q.symmetric)
+
+
+class QuantizedLinear(nn.Module):
+    """A linear stored as packed integer codes + scales; forward dequantizes (y = x ŵᵀ + b)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
+        bias: bool = False, dtype: torch.dtype = torch.float32,
+    ):  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric, self.dtype = bits, group_size, symmetric, dtype
+        n_groups = quant.group_count(in_features, group_size)
+        n_bytes = -(-in_features * out_features // 8) * bits
+        self.register_buffer("qweight", torch.zeros(n_bytes, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, n_groups))
+        self.register_buffer("zero_point", None if symmetric else torch.zeros(out_features, n_groups))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_fake_quant(cls, m: FakeQuantLinear) -> QuantizedLinear:
+        q = m.weight_quantizer
+        group_size = m.in_features // q.n_groups
+        new = cls(m.in_features, m.out_features, q.bits, group_size, q.symmetric, m.bias is not None, m.weight.dtype)
+        codes, s, z = q.codes(m.weight)
+        qmin = quant.int_range(q.bits, q.symmetric)[0]
+        new.qweight = quant.pack((codes - qmin).to(torch.uint8), q.bits).to(m.weight.device)
+        new.scale = s.float().clone()
+        if z is not None:
+            new.zero_point = z.float().clone()
+        if m.bias is not None:
+            new.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        return new
+
+    def codes(self) -> Tensor:
+        """Signed integer codes [out, in] (int16)."""
+        u = quant.unpack(self.qweight, self.bits, self.in_features * self.out_features)
+        qmin = quant.int_range(self.bits, self.symmetric)[0]
+        return (u.to(torch.int16) + qmin).view(self.out_features, self.in_features)
+
+    def dequantized_weight(self) -> Tensor:
+        return quant.dequantize(self.codes(), self.scale, self.zero_point).to(self.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quant.linear(x, self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        g = self.group_size
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={g}, symmetric={self.symmetric}"

@@ -1,0 +1,360 @@
+"""THE entry point: quantization-aware training from a recipe.
+
+    accelerate launch qat/train.py recipe=NAME [a.b=value ...]      (any accelerate/DeepSpeed config)
+    python qat/train.py recipe=NAME [a.b=value ...]                  (one process)
+
+Flow: load the base model → prepare (fake-quant linears, RTN-initialised) → train with straight-through
+gradients (optionally distilling from the float weights) → convert → `<out_dir>/final/` (packed artifact,
+loadable with `qat.models.load`). `train.steps=0` skips training: the same recipe yields the PTQ baseline,
+and `quant.bits=16` the float one.
+
+Outputs under `out_dir`: `recipe.yaml` (resolved), `logs/` (TensorBoard), `checkpoints/step_N/`
+(accelerate state: model, optimizer, scheduler, RNG and step; written to a temporary name and renamed, so a
+crash never leaves a half checkpoint), `final/`. `train.resume=auto` continues from the newest checkpoint
+and reaches the same weights, bit for bit, as an uninterrupted run: the data order comes from a seeded
+sampler and an explicit DataLoader generator, and accelerate restores every RNG.
+
+Device policy: on CPU, accelerate runs gloo DDP (`cpu=True`), or DeepSpeed over gloo when launched with a
+DeepSpeed config; on GPUs the defaults. Mixed precision `auto` means bf16 on GPU, float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `qat` importable and keep qat/*.py from shadowing modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import copy
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from qat import data, objectives
+from qat.config import Recipe, RecipeError, exit_on_error, flatten, load_recipe, save_recipe
+from qat.export import save_artifact, size_report
+from qat.models import DTYPES, adapter, family_of
+from qat.swap import convert, prepare, quant_stats, set_fake_quant
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ...): reported as one line, exit code 1."""
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides model/optimizer/scheduler/RNG to resume: the optimizer step reached."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step = int(sd["step"])
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
+    mp = recipe.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    out = Path(recipe.out_dir)
+    return Accelerator(
+        # CPU: DDP over gloo needs cpu=True; DeepSpeed on CPU needs gloo named explicitly and cpu=False.
+        cpu=not cuda and not deepspeed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if not cuda and deepspeed else [],
+        mixed_precision=mp,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=recipe.train.grad_accum, sync_with_dataloader=False
+        ),
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def lr_lambda(recipe: Recipe):
+    t = recipe.train
+
+    def f(step: int) -> float:
+        if step < t.warmup:
+            return (step + 1) / t.warmup
+        progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases or quantizer scales)."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "weight_quantizer" not in name else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def batches(accelerator: Accelerator, loader: DataLoader, start: int) -> Iterator[torch.Tensor]:
+    """Micro-batches forever, epoch after epoch, starting at global micro-batch index `start`."""
+    epoch, skip = divmod(start, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+def checkpoints(out: Path) -> list[Path]:
+    ckpts = [p for p in (out / "checkpoints").glob("step_*") if p.is_dir()]
+    return sorted(ckpts, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) -> Path:
+    """accelerate save_state into a temporary directory, then an atomic rename; prune old checkpoints."""
+    final = out / "checkpoints" / f"step_{step:08d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume(recipe: Recipe) -> Path | None:
+    how = recipe.train.resume
+    if how == "none":
+        return None
+    if how == "auto":
+        found = checkpoints(Path(recipe.out_dir))
+        return found[-1] if found else None
+    path = Path(how)
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume={how}: no such checkpoint directory")
+    return path
+
+
+def check_model_path(recipe: Recipe) -> None:
+    p = recipe.model.path
+    looks_local = p.startswith((".", "/", "~")) or Path(p).exists() or p.count("/") != 1
+    if looks_local and not Path(p).expanduser().is_dir():
+        raise FileNotFoundError(f"model.path={p}: no such directory (and not a hub id of the form org/name)")
+
+
+def load_model(recipe: Recipe):
+    m = recipe.model
+    try:
+        family = family_of(m.path)
+        if family != m.family:
+            raise RecipeError(f"model.family={m.family} but {m.path} is a {family} checkpoint")
+        return adapter(family).load(m.path, dtype=DTYPES[m.dtype], attn=m.attn)
+    except (OSError, NotImplementedError) as e:  # hub unreachable, no weights, family not available
+        raise RecipeError(f"model.path={m.path}: {str(e).strip().splitlines()[0]}") from None
+
+
+def train(recipe: Recipe) -> Path:
+    """Run the recipe; returns the path of the final artifact."""
+    out = Path(recipe.out_dir)
+    accelerator = make_accelerator(recipe)
+    set_seed(recipe.train.seed)
+    if accelerator.is_main_process:
+        save_recipe(recipe, out)
+        accelerator.init_trackers("tb", config=flatten(recipe))
+    say = accelerator.print
+
+    with accelerator.main_process_first():
+        model, tokenizer = load_model(recipe)
+    model.config.use_cache = False
+    teacher = None
+    if recipe.train.kd > 0 and recipe.train.kd_teacher == "frozen":
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    prepare(model, recipe.quant)
+    n_fq = set_fake_quant(model, False)
+    say(f"model: {recipe.model.path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+        f"{n_fq} fake-quant linears at {recipe.quant.bits} bits")  # fmt: skip
+
+    t = recipe.train
+    if t.steps > 0:
+        model = fit(recipe, accelerator, model, tokenizer, teacher)
+    final = finish(recipe, accelerator, model, tokenizer)
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # avoids a teardown abort under DeepSpeed
+    return final
+
+
+def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> torch.nn.Module:
+    """The training loop; returns the (wrapped) model."""
+    t = recipe.train
+    out = Path(recipe.out_dir)
+    say = accelerator.print
+    world = accelerator.num_processes
+    with accelerator.main_process_first():
+        rows = data.build(recipe.data, tokenizer, t.seq_len, min_rows=t.batch_size * world)
+    loader = DataLoader(
+        rows, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=data.collate,
+        generator=torch.Generator().manual_seed(t.seed),
+    )  # fmt: skip
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state, scheduler)
+
+    ckpt = find_resume(recipe)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        say(f"resumed from {ckpt} at step {state.step}")
+    say(f"data: {len(rows)} rows × {t.seq_len} tokens; {len(loader)} micro-batches per epoch per process")
+
+    unwrapped = accelerator.unwrap_model(model)
+    micro = batches(accelerator, loader, state.step * t.grad_accum)
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world
+    stop_at = min(t.steps, state.step + t.stop_after) if t.stop_after else t.steps
+    bar = tqdm(total=t.steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    prev_codes = None
+    tic, interval_losses = time.perf_counter(), []
+    while state.step < stop_at:
+        fq_on = state.step >= t.fake_quant_after
+        set_fake_quant(unwrapped, fq_on)
+        losses, parts = [], {}
+        for _ in range(t.grad_accum):
+            ids = next(micro)
+            with accelerator.accumulate(model):
+                loss, parts = compute_loss(recipe, model, unwrapped, teacher, ids, fq_on)
+                accelerator.backward(loss)
+            losses.append(loss.detach())
+        step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+        if not math.isfinite(step_loss):
+            last = checkpoints(out)
+            raise TrainingError(
+                f"loss is {step_loss} at step {state.step}; stopped before the update. "
+                f"Last good checkpoint: {last[-1] if last else 'none (set train.save_every)'}"
+            )
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        interval_losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+
+        if state.step % t.log_every == 0 or state.step == t.steps:
+            elapsed = time.perf_counter() - tic
+            logs = {
+                "train/loss": sum(interval_losses) / len(interval_losses),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/tokens_per_s": tokens_per_step * len(interval_losses) / elapsed,
+                "train/fake_quant": float(fq_on),
+            }
+            logs.update({k: v.item() for k, v in parts.items()})
+            if grad_norm is not None:
+                logs["train/grad_norm"] = float(grad_norm)
+            if t.quant_stats and recipe.quant.enabled:
+                with gathered(accelerator, unwrapped):
+                    stats, prev_codes = quant_stats(unwrapped, prev_codes)
+                logs.update(stats)
+            accelerator.log(logs, step=state.step)
+            tic, interval_losses = time.perf_counter(), []
+        if (t.save_every and state.step % t.save_every == 0) or state.step == stop_at < t.steps:
+            save_checkpoint(accelerator, out, state.step, t.keep_checkpoints)
+    bar.close()
+    if state.step < t.steps:
+        say(f"stopped at step {state.step}/{t.steps} (train.stop_after); continue with train.resume=auto")
+    return model
+
+
+def compute_loss(recipe: Recipe, model, unwrapped, teacher, ids: torch.Tensor, fq_on: bool):
+    """(loss, {log tag: value}) for one micro-batch: next-token CE, mixed with distillation when train.kd > 0."""
+    t = recipe.train
+    logits = model(input_ids=ids).logits
+    ce = objectives.next_token_loss(logits, ids)
+    if t.kd == 0:
+        return ce, {}
+    with torch.no_grad():
+        if teacher is not None:
+            t_logits = teacher(input_ids=ids).logits
+        else:  # the same weights with fake quant off: the float model the student is being pulled towards
+            set_fake_quant(unwrapped, False)
+            t_logits = model(input_ids=ids).logits
+            set_fake_quant(unwrapped, fq_on)
+    kd = objectives.kd_loss(logits, t_logits, t.kd_temperature)
+    return (1 - t.kd) * ce + t.kd * kd, {"train/ce_loss": ce.detach(), "train/kd_loss": kd.detach()}
+
+
+def gathered(accelerator: Accelerator, model: torch.nn.Module):
+    """Full parameters outside forward (ZeRO-3 partitions them); a no-op otherwise."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return nullcontext()
+
+
+def finish(recipe: Recipe, accelerator: Accelerator, model, tokenizer) -> Path:
+    """Convert and save `<out_dir>/final/` (main process), report its size."""
+    final = Path(recipe.out_dir) / "final"
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    with gathered(accelerator, unwrapped):
+        if accelerator.is_main_process:
+            cpu_model = convert(unwrapped.cpu())  # training is over: the model can be baked in place
+            if final.exists():
+                shutil.rmtree(final)
+            save_artifact(cpu_model, tokenizer, recipe, final)
+            r = size_report(cpu_model, final)
+            accelerator.print(
+                f"final: {final} ({r['bytes'] / 2**20:.2f} MiB; bf16 would be {r['bf16_bytes'] / 2**20:.2f} MiB, "
+                f"ratio {r['ratio']:.3f})"
+            )
+    accelerator.wait_for_everyone()
+    return final
+
+
+def main(argv: list[str] | None = None) -> Path:
+    try:
+        with exit_on_error(FileNotFoundError):  # user errors: one line, exit code 2
+            recipe = load_recipe(sys.argv[1:] if argv is None else argv)
+            check_model_path(recipe)
+            return train(recipe)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
