@@ -8,9 +8,10 @@ Grid. A b-bit weight quantizer maps each weight w to an integer code q in [qmin,
   asymmetric: qmin = 0,        qmax = 2^b − 1,     z ∈ [qmin, qmax] an integer,
               s = (max(w, 0) − min(w, 0)) / qmax,  z = round(−min(w, 0) / s)
 
-The symmetric step puts ±max|w| half a step beyond the outermost codes, so all 2^b codes are used (the
-same grid as GPTQ's and torchao's symmetric int4: s = 2·max|w| / (2^b − 1)); at 2 bits that is four levels
-{−2, −1, 0, 1}·s rather than a ternary grid. `round` is round-half-to-even (torch.round).
+The symmetric step s = 2·max|w| / (2^b − 1) is GPTQ's and torchao's (so their kernels and export formats
+apply unchanged): w/s spans [qmin + ½, qmax + ½], the 2^b − 1 codes qmin+1..qmax carry the weights and
+qmin is reached only by a weight at exactly −max|w| (round-half-to-even, torch.round). At 2 bits this is
+{−1, 0, 1}·s with s = max|w|/1.5; use asymmetric grids for four real levels.
 
 Groups. Scales are per output row and per group of `group_size` consecutive inputs: a weight [out, in]
 is viewed as [out, in/g, g] with one s (and z) per [row, group]; `group_size = -1` means one group per row
@@ -135,8 +136,9 @@ def round_ste(x: Tensor) -> Tensor:
 
 
 def scale_grad(x: Tensor, g: float) -> Tensor:
-    """Value x, gradient multiplied by g."""
-    return (x - x * g).detach() + x * g
+    """Value x exactly (x + 0), gradient multiplied by g."""
+    xg = x * g
+    return x.detach() + (xg - xg.detach())
 
 
 def lsq_grad_scale(bits: int, symmetric: bool, group_len: int) -> float:
