@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a file: make `qat` importable and keep q
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import copy
+import logging
 import math
 import os
 import shutil
@@ -183,9 +184,11 @@ def load_model(recipe: Recipe):
 
 
 def train(recipe: Recipe) -> Path:
-    """Run the recipe; returns the path of the final artifact."""
+    """Run the recipe; returns the path of the final artifact (written once train.steps are done)."""
     out = Path(recipe.out_dir)
     accelerator = make_accelerator(recipe)
+    if accelerator.is_main_process:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # prepare() reports what it swapped
     set_seed(recipe.train.seed)
     if accelerator.is_main_process:
         save_recipe(recipe, out)
@@ -199,22 +202,20 @@ def train(recipe: Recipe) -> Path:
     if recipe.train.kd > 0 and recipe.train.kd_teacher == "frozen":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
     prepare(model, recipe.quant)
-    n_fq = set_fake_quant(model, False)
-    say(f"model: {recipe.model.path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
-        f"{n_fq} fake-quant linears at {recipe.quant.bits} bits")  # fmt: skip
+    say(f"model: {recipe.model.path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
 
-    t = recipe.train
-    if t.steps > 0:
-        model = fit(recipe, accelerator, model, tokenizer, teacher)
-    final = finish(recipe, accelerator, model, tokenizer)
+    done = True
+    if recipe.train.steps > 0:
+        model, done = fit(recipe, accelerator, model, tokenizer, teacher)
+    final = finish(recipe, accelerator, model, tokenizer) if done else out / "final"
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # avoids a teardown abort under DeepSpeed
     return final
 
 
-def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> torch.nn.Module:
-    """The training loop; returns the (wrapped) model."""
+def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> tuple[torch.nn.Module, bool]:
+    """The training loop; returns the (wrapped) model and whether train.steps were reached."""
     t = recipe.train
     out = Path(recipe.out_dir)
     say = accelerator.print
@@ -228,6 +229,8 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the recipe, not the launch config, owns these
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = t.grad_clip
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if teacher is not None:
         teacher.to(accelerator.device)
@@ -238,7 +241,8 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         say(f"resumed from {ckpt} at step {state.step}")
-    say(f"data: {len(rows)} rows × {t.seq_len} tokens; {len(loader)} micro-batches per epoch per process")
+    say(f"data: {len(rows)} rows × {t.seq_len} tokens, {len(loader)} micro-batches per epoch per process; "
+        f"processes: {world} ({accelerator.distributed_type.value})")  # fmt: skip
 
     unwrapped = accelerator.unwrap_model(model)
     micro = batches(accelerator, loader, state.step * t.grad_accum)
@@ -295,7 +299,7 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
     bar.close()
     if state.step < t.steps:
         say(f"stopped at step {state.step}/{t.steps} (train.stop_after); continue with train.resume=auto")
-    return model
+    return model, state.step == t.steps
 
 
 def compute_loss(recipe: Recipe, model, unwrapped, teacher, ids: torch.Tensor, fq_on: bool):

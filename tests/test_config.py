@@ -1,0 +1,68 @@
+"""Recipes: every shipped recipe validates; overrides win; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from qat.config import RECIPES_DIR, Recipe, RecipeError, flatten, from_yaml, load_recipe, to_yaml
+from tests.conftest import ROOT
+
+SHIPPED = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_validates(name):
+    r = load_recipe([f"recipe={name}"])
+    assert isinstance(r, Recipe) and r.name == name and r.out_dir == f"checkpoints/{name}"
+    assert from_yaml(to_yaml(r)) == r
+
+
+def test_layers_defaults_recipe_cli():
+    r = load_recipe(["recipe=tiny_qwen3_int4", "train.lr=0.5", "quant.skip=[lm_head]", "out_dir=/tmp/x"])
+    assert r.train.lr == 0.5 and r.quant.skip == ["lm_head"] and r.out_dir == "/tmp/x"
+    assert r.train.batch_size == 4  # from the recipe file
+    assert r.train.grad_clip == 1.0  # from the defaults
+    assert load_recipe([]) == Recipe(out_dir="checkpoints/default")  # interpolations resolved
+    assert flatten(r)["quant.skip"] == "['lm_head']" and flatten(r)["train.lr"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["train.lrr=1"], "lrr"),
+        (["quant.bits=four"], "four"),
+        (["quant.bits=5"], "quant.bits must be one of 2, 3, 4, 8, 16"),
+        (["recipe=nope"], "unknown recipe 'nope'"),
+        (["train.steps"], "key=value"),
+        (["quant.scales=learned"], "quant.scales"),
+        (["quant.init=gptq"], "not implemented yet"),
+        (["train.kd=2"], "train.kd must be in"),
+    ],
+)
+def test_bad_input_is_a_recipe_error(argv, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(argv)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "qat/train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["recipe=nope"], "unknown recipe"),
+        (["recipe=tiny_qwen3_int4", "train.lrr=1"], "lrr"),
+        (["recipe=tiny_qwen3_int4", "quant.bits=5"], "quant.bits"),
+        (["recipe=tiny_qwen3_int4", "model.path=/no/such/model"], "model.path=/no/such/model"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(args, match, tmp_path):
+    p = run_cli(*args, f"out_dir={tmp_path}")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and match in errors[0]

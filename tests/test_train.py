@@ -1,0 +1,147 @@
+"""The trainer end to end on the tiny recipe: artifact, TensorBoard, bitwise resume, PTQ, failure modes, launchers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qat import train
+from qat.config import QuantConfig
+from qat.models import load
+from qat.modules import QuantizedLinear
+from qat.swap import prepare
+from tests.conftest import ROOT
+
+TINY = ["recipe=tiny_qwen3_int4", f"model.path={ROOT / 'checkpoints/tiny-qwen3'}", "data.max_docs=3",
+        "train.seq_len=64", "train.batch_size=2", "train.save_every=0"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run(tmp: Path, *extra: str) -> Path:
+    return train.main([*TINY, f"out_dir={tmp}", *extra])
+
+
+def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir / "tb"), size_guidance={"scalars": 0})  # the trainer's tracker: "tb"
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
+def test_three_steps_artifact_and_tensorboard(tmp_path, ids):
+    final = run(tmp_path, "train.steps=3")
+    assert final == tmp_path / "final" and (tmp_path / "recipe.yaml").is_file() and (final / "recipe.yaml").is_file()
+    model, tok = load(final)
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
+    assert tok.decode(tok.encode("def f(): pass")) == "def f(): pass"
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+    tags = scalars(tmp_path / "logs")
+    for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "quant/rel_error", "quant/flip_fraction"]:
+        assert tag in tags, tag
+    assert [s for s, _ in tags["train/loss"]] == [1, 2, 3]
+    assert [s for s, _ in tags["quant/flip_fraction"]] == [2, 3]  # needs a previous log to compare with
+
+
+def test_stop_and_resume_equals_straight_run_bitwise(tmp_path):
+    common = ["train.steps=4", "train.grad_accum=2", "train.kd=0.5", "quant.scales=lsq", "quant.symmetric=false"]
+    straight = run(tmp_path / "a", *common)
+    assert run(tmp_path / "b", *common, "train.stop_after=2") == tmp_path / "b" / "final"
+    assert not (tmp_path / "b" / "final").exists()
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_00000002"]
+    resumed = run(tmp_path / "b", *common, "train.resume=auto")
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and any(k.endswith("qweight") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    tags = scalars(tmp_path / "b" / "logs")
+    assert {"train/ce_loss", "train/kd_loss"} <= tags.keys()
+
+
+def test_steps0_is_the_ptq_model(tmp_path, ids):
+    final = run(tmp_path, "train.steps=0", "quant.bits=3", "quant.group_size=-1")
+    base, _ = load(ROOT / "checkpoints/tiny-qwen3")
+    prepare(base, QuantConfig(bits=3, group_size=-1))
+    ptq, _ = load(final)
+    with torch.no_grad():
+        assert torch.equal(ptq(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "train.steps=6", "train.lr=1e30", "train.warmup=0", "train.grad_clip=0", "train.save_every=1")
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: loss is nan" in err or "error: loss is inf" in err
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept and f"Last good checkpoint: {tmp_path / 'checkpoints' / kept[-1]}" in err
+    assert not (tmp_path / "final").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp: Path, *launch_args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--main_process_port", str(free_port()),
+           "qat/train.py", *TINY, "train.steps=3", f"out_dir={tmp}"]  # fmt: skip
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert (tmp / "final" / "model.safetensors").is_file()
+    return p
+
+
+@pytest.mark.slow
+def test_accelerate_launch_one_process(tmp_path):
+    launch(tmp_path, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    load(tmp_path / "final")
+
+
+@pytest.mark.slow
+def test_accelerate_launch_ddp_two_processes(tmp_path):
+    p = launch(tmp_path, "--config_file", "launch/ddp.yaml", "--num_processes", "2", env={"ACCELERATE_USE_CPU": "true"})
+    assert "2 processes" in p.stdout or "processes: 2" in p.stdout, p.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes(tmp_path):
+    p = launch(tmp_path, "--config_file", "launch/zero2.yaml", "--num_processes", "2")
+    assert "processes: 2" in p.stdout, p.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_deepspeed_launch_configs_validate(name):
+    """Each shipped DeepSpeed launch config becomes a valid DeepSpeed config (no processes needed)."""
+    import yaml
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = yaml.safe_load((ROOT / "launch" / f"{name}.yaml").read_text())
+    assert cfg["distributed_type"] == "DEEPSPEED"
+    ds = cfg["deepspeed_config"]
+    plugin = DeepSpeedPlugin(zero_stage=ds["zero_stage"], zero3_init_flag=ds["zero3_init_flag"],
+                             zero3_save_16bit_model=ds.get("zero3_save_16bit_model", False))  # fmt: skip
+    concrete = {**plugin.deepspeed_config, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                "train_batch_size": 2, "gradient_clipping": 1.0}  # fmt: skip
+    concrete.pop("bf16", None), concrete.pop("fp16", None)
+    parsed = DeepSpeedConfig(concrete)
+    assert parsed.zero_optimization_stage == ds["zero_stage"]
