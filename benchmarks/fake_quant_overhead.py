@@ -23,6 +23,9 @@ ours-lsq, torchao, plain, ...) and each variant keeps its smallest round median:
 shared machine only ever adds time. Peak memory is, on CPU, the peak RSS minus the RSS right after the
 imports (what model + optimizer + steps cost); on CUDA, torch.cuda.max_memory_allocated. It is the largest
 over rounds. On CUDA the step runs under bf16 autocast; on CPU in float32 with torch.set_num_threads(cores).
+CPU RSS also counts glibc heap fragmentation: many freed weight-sized temporaries can leave the heap larger
+than the live tensors ever were. `MALLOC_MMAP_THRESHOLD_=131072` in the environment (the workers inherit it)
+makes RSS track live tensors more closely, at some cost in step time; compare memory runs like with like.
 
 Reading the ratios. "× plain" is variant / plain for the same size: time 1.10× means fake quant adds 10%
 to a training step; memory 1.05× means 5% more peak memory. The summary's ours/torchao < 1 means ours is

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qat.config import Recipe, save_recipe
@@ -58,10 +58,12 @@ def save_artifact(model: nn.Module, tokenizer, recipe: Recipe | None, out: str |
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    save_model(model, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    tensors, tied = _unshared_state_dict(model)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
         "dtype": _dtype_name(dtype),
+        "tied": tied,
         "quant": None if recipe is None else _plain(recipe.quant),
         "modules": modules,
     }
@@ -69,6 +71,23 @@ def save_artifact(model: nn.Module, tokenizer, recipe: Recipe | None, out: str |
     if recipe is not None:
         save_recipe(recipe, out)
     return out
+
+
+def _unshared_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with tied tensors stored once ({dropped key: kept key}) and every tensor owning its storage
+    (DeepSpeed and others leave parameters as views into flat buffers, which safetensors refuses)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in model.state_dict().items():
+        ident = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride())
+        if v.numel() and ident in seen:
+            tied[k] = seen[ident]
+            continue
+        seen[ident] = k
+        owns = v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+        tensors[k] = v if owns else v.clone(memory_format=torch.contiguous_format)
+    return tensors, tied
 
 
 def _plain(dc) -> dict:
@@ -95,7 +114,10 @@ def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str 
         lin = model.get_submodule(name)
         _replace(model, name, QuantizedLinear(lin.in_features, lin.out_features, m["bits"], m["group_size"],
                                               m["symmetric"], m["bias"], saved))  # fmt: skip
-    missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    for dropped, kept in meta.get("tied", {}).items():
+        tensors[dropped] = tensors[kept]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if dtype is not None and dtype != saved:  # cast float tensors, never the codes/scales

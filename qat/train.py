@@ -9,7 +9,7 @@ loadable with `qat.models.load`). `train.steps=0` skips training: the same recip
 and `quant.bits=16` the float one.
 
 Outputs under `out_dir`: `recipe.yaml` (resolved), `logs/` (TensorBoard), `checkpoints/step_N/`
-(accelerate state: model, optimizer, scheduler, RNG and step; written to a temporary name and renamed, so a
+(accelerate state: model, optimizer, RNG and step; written to a temporary name and renamed, so a
 crash never leaves a half checkpoint), `final/`. `train.resume=auto` continues from the newest checkpoint
 and reaches the same weights, bit for bit, as an uninterrupted run: the data order comes from a seeded
 sampler and an explicit DataLoader generator, and accelerate restores every RNG.
@@ -62,7 +62,8 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """What the loop needs besides model/optimizer/scheduler/RNG to resume: the optimizer step reached."""
+    """What the loop needs besides model/optimizer/RNG to resume: the optimizer step reached (the learning
+    rate is a function of it)."""
 
     step: int = 0
 
@@ -98,16 +99,14 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     )
 
 
-def lr_lambda(recipe: Recipe):
+def learning_rate(recipe: Recipe, step: int) -> float:
+    """Linear warmup, then cosine from train.lr to train.lr · min_lr_ratio. A pure function of the step, so
+    nothing to checkpoint and no scheduler for DeepSpeed to disagree with."""
     t = recipe.train
-
-    def f(step: int) -> float:
-        if step < t.warmup:
-            return (step + 1) / t.warmup
-        progress = (step - t.warmup) / max(1, t.steps - t.warmup)
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -195,13 +194,13 @@ def train(recipe: Recipe) -> Path:
         accelerator.init_trackers("tb", config=flatten(recipe))
     say = accelerator.print
 
-    with accelerator.main_process_first():
-        model, tokenizer = load_model(recipe)
+    model, tokenizer = load_model(recipe)  # on every rank at once: ZeRO-3 initialisation is collective
     model.config.use_cache = False
     teacher = None
     if recipe.train.kd > 0 and recipe.train.kd_teacher == "frozen":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    prepare(model, recipe.quant)
+    with gathered(model):  # transformers partitions at load time under ZeRO-3: quantizers need the full weights
+        prepare(model, recipe.quant)
     say(f"model: {recipe.model.path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
 
     done = True
@@ -228,14 +227,13 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
     )  # fmt: skip
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the recipe, not the launch config, owns these
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = t.grad_clip
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if teacher is not None:
         teacher.to(accelerator.device)
     state = TrainState()
-    accelerator.register_for_checkpointing(state, scheduler)
+    accelerator.register_for_checkpointing(state)
 
     ckpt = find_resume(recipe)
     if ckpt is not None:
@@ -254,6 +252,9 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
     while state.step < stop_at:
         fq_on = state.step >= t.fake_quant_after
         set_fake_quant(unwrapped, fq_on)
+        lr = learning_rate(recipe, state.step)
+        for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps inside the last one
+            group["lr"] = lr
         losses, parts = [], {}
         for _ in range(t.grad_accum):
             ids = next(micro)
@@ -270,7 +271,6 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
             )
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         interval_losses.append(step_loss)
@@ -281,7 +281,7 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
             elapsed = time.perf_counter() - tic
             logs = {
                 "train/loss": sum(interval_losses) / len(interval_losses),
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": lr,
                 "train/tokens_per_s": tokens_per_step * len(interval_losses) / elapsed,
                 "train/fake_quant": float(fq_on),
             }
@@ -289,7 +289,7 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
             if grad_norm is not None:
                 logs["train/grad_norm"] = float(grad_norm)
             if t.quant_stats and recipe.quant.enabled:
-                with gathered(accelerator, unwrapped):
+                with gathered(unwrapped):
                     stats, prev_codes = quant_stats(unwrapped, prev_codes)
                 logs.update(stats)
             accelerator.log(logs, step=state.step)
@@ -320,12 +320,17 @@ def compute_loss(recipe: Recipe, model, unwrapped, teacher, ids: torch.Tensor, f
     return (1 - t.kd) * ce + t.kd * kd, {"train/ce_loss": ce.detach(), "train/kd_loss": kd.detach()}
 
 
-def gathered(accelerator: Accelerator, model: torch.nn.Module):
-    """Full parameters outside forward (ZeRO-3 partitions them); a no-op otherwise."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+def is_zero3(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def gathered(model: torch.nn.Module):
+    """Full parameters outside forward when ZeRO-3 has partitioned them (on every rank); a no-op otherwise."""
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return nullcontext()
 
 
@@ -333,18 +338,31 @@ def finish(recipe: Recipe, accelerator: Accelerator, model, tokenizer) -> Path:
     """Convert and save `<out_dir>/final/` (main process), report its size."""
     final = Path(recipe.out_dir) / "final"
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    with gathered(accelerator, unwrapped):
+    if is_zero3(accelerator):  # parameters are sharded: gather a full state dict into a fresh CPU model
+        state = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            cpu_model = convert(unwrapped.cpu())  # training is over: the model can be baked in place
-            if final.exists():
-                shutil.rmtree(final)
-            save_artifact(cpu_model, tokenizer, recipe, final)
-            r = size_report(cpu_model, final)
-            accelerator.print(
-                f"final: {final} ({r['bytes'] / 2**20:.2f} MiB; bf16 would be {r['bf16_bytes'] / 2**20:.2f} MiB, "
-                f"ratio {r['ratio']:.3f})"
-            )
+            from transformers.integrations import deepspeed as hf_ds
+
+            keep = hf_ds._hf_deepspeed_config_weak_ref
+            hf_ds.unset_hf_deepspeed_config()  # a plain CPU model: no collective zero.Init on one rank
+            try:
+                model, _ = load_model(recipe)
+            finally:
+                hf_ds._hf_deepspeed_config_weak_ref = keep
+            prepare(model, recipe.quant)
+            model.load_state_dict(state)
+    else:
+        model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        model = convert(model.cpu())  # training is over: the model can be baked in place
+        if final.exists():
+            shutil.rmtree(final)
+        save_artifact(model, tokenizer, recipe, final)
+        r = size_report(model, final)
+        accelerator.print(
+            f"final: {final} ({r['bytes'] / 2**20:.2f} MiB; bf16 would be {r['bf16_bytes'] / 2**20:.2f} MiB, "
+            f"ratio {r['ratio']:.3f})"
+        )
     accelerator.wait_for_everyone()
     return final
 

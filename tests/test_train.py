@@ -145,3 +145,12 @@ def test_deepspeed_launch_configs_validate(name):
     concrete.pop("bf16", None), concrete.pop("fp16", None)
     parsed = DeepSpeedConfig(concrete)
     assert parsed.zero_optimization_stage == ds["zero_stage"]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_processes(tmp_path):
+    """ZeRO-3 partitions at load time: prepare runs on gathered weights, the artifact from a gathered state dict."""
+    p = launch(tmp_path, "--config_file", "launch/zero3.yaml", "--num_processes", "2")
+    assert "processes: 2" in p.stdout, p.stdout[-2000:]
+    model, _ = load(tmp_path / "final")
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
