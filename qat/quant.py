@@ -199,34 +199,36 @@ class _FakeQuantLinear(torch.autograd.Function):
         qmin, qmax, lsq_g = ctx.meta
         n = s.shape[-1]
         r = _codes(grouped(w, n), s.unsqueeze(-1), _expand(z))  # unclamped codes, float32
-        inside = (r >= qmin) & (r <= qmax)
-        q = r.clamp_(qmin, qmax)
-        if z is not None:
-            q = q.sub_(z.unsqueeze(-1))
-        q_minus_z = q.clone() if ctx.needs_input_grad[3] or ctx.needs_input_grad[4] else None
-        w_hat = q.mul_(s.unsqueeze(-1)).view(w.shape).to(w.dtype)
-
+        lsq = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         dt = gy.dtype
         gx = gw = gb = gs = gz = None
         with torch.autocast(gy.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                gx = (gy @ w_hat.to(dt)).to(x.dtype)
             g2 = gy.reshape(-1, gy.shape[-1])
             if ctx.needs_input_grad[2]:
                 gb = g2.sum(0).to(b.dtype)
-            if ctx.needs_input_grad[1] or q_minus_z is not None:
-                gw_hat = (g2.t() @ x.reshape(-1, x.shape[-1]).to(dt)).float()
-                gw_hat_g = grouped(gw_hat, n)
-                if ctx.needs_input_grad[1]:
-                    gw = torch.where(inside, gw_hat_g, 0.0).view(w.shape).to(w.dtype)
-                if q_minus_z is not None:
-                    # ∂ŵ/∂s = (q − z) − w/s inside, (q − z) where clamped; ∂ŵ/∂z = −s where clamped.
+            if ctx.needs_input_grad[1] or lsq:
+                gw_hat = grouped((g2.t() @ x.reshape(-1, x.shape[-1]).to(dt)).float(), n)
+            if ctx.needs_input_grad[1]:
+                # Clipped STE: pass the gradient where qmin ≤ r ≤ qmax. r holds integers, so hardtanh's strict
+                # bounds at ±½ beyond the grid select exactly those codes, in one fused pass with no bool mask.
+                gw = torch.ops.aten.hardtanh_backward(gw_hat, r, qmin - 0.5, qmax + 0.5).view(w.shape).to(w.dtype)
+            if lsq:
+                # ∂ŵ/∂s = (q − z) − w/s inside, (q − z) where clamped; ∂ŵ/∂z = −s where clamped.
+                inside = (r >= qmin) & (r <= qmax)
+                q_minus_z = r.clamp(qmin, qmax)
+                if z is not None:
+                    q_minus_z = q_minus_z.sub_(z.unsqueeze(-1))
+                if ctx.needs_input_grad[3]:
                     t = torch.div(grouped(w, n), s.unsqueeze(-1))
-                    ds = torch.where(inside, q_minus_z - t, q_minus_z)
-                    if ctx.needs_input_grad[3]:
-                        gs = (gw_hat_g * ds).sum(-1) * lsq_g
-                    if ctx.needs_input_grad[4]:
-                        gz = -(torch.where(inside, 0.0, gw_hat_g) * s.unsqueeze(-1)).sum(-1) * lsq_g
+                    gs = (gw_hat * torch.where(inside, q_minus_z - t, q_minus_z)).sum(-1) * lsq_g
+                if ctx.needs_input_grad[4]:
+                    gz = -(torch.where(inside, 0.0, gw_hat) * s.unsqueeze(-1)).sum(-1) * lsq_g
+            if ctx.needs_input_grad[0]:  # ŵ rebuilt in place from r (same ops as the forward)
+                q = r.clamp_(qmin, qmax)
+                if z is not None:
+                    q = q.sub_(z.unsqueeze(-1))
+                w_hat = q.mul_(s.unsqueeze(-1)).view(w.shape).to(w.dtype)
+                gx = (gy @ w_hat.to(dt)).to(x.dtype)
         return gx, gw, gb, gs, gz, None, None, None
 
 
