@@ -5,5 +5,12 @@ from qat.modules import FakeQuantLinear, QuantizedLinear
 from qat.swap import convert, prepare, set_fake_quant
 
 __all__ = [
-    "FakeQuantLinear", "QuantConfig", "QuantizedLinear", "Recipe", "convert", "load_recipe", "prepare", "set_fake_quant",
-]  # fmt: skip
+    "FakeQuantLinear",
+    "QuantConfig",
+    "QuantizedLinear",
+    "Recipe",
+    "convert",
+    "load_recipe",
+    "prepare",
+    "set_fake_quant",
+]

@@ -48,7 +48,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.family in ("qwen3", "coda"), f"model.family must be qwen3 or coda, got {self.family!r}")
-        _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        _check(
+            self.dtype in ("float32", "bfloat16"),
+            f"model.dtype must be float32 or bfloat16, got {self.dtype!r}",
+        )
         _check(
             self.attn in ("eager", "sdpa", "flash_attention_2"),
             f"model.attn must be eager, sdpa or flash_attention_2, got {self.attn!r}",
@@ -69,14 +72,23 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _check(self.bits in (2, 3, 4, 8, 16), f"quant.bits must be one of 2, 3, 4, 8, 16, got {self.bits}")
-        _check(self.group_size == -1 or self.group_size > 0, f"quant.group_size must be -1 or > 0, got {self.group_size}")
+        _check(
+            self.group_size == -1 or self.group_size > 0,
+            f"quant.group_size must be -1 or > 0, got {self.group_size}",
+        )
         _check(self.init in ("rtn", "gptq", "awq"), f"quant.init must be rtn, gptq or awq, got {self.init!r}")
-        _check(self.init == "rtn", f"quant.init={self.init} is not implemented yet (PTQ baselines); use quant.init=rtn")
+        _check(
+            self.init == "rtn",
+            f"quant.init={self.init} is not implemented yet (PTQ baselines); use quant.init=rtn",
+        )
         _check(
             self.scales in ("static", "dynamic", "lsq"),
             f"quant.scales must be static, dynamic or lsq, got {self.scales!r}",
         )
-        _check(not (self.mse and self.scales == "dynamic"), "quant.mse needs static or lsq scales (dynamic re-derives them)")
+        _check(
+            not (self.mse and self.scales == "dynamic"),
+            "quant.mse needs static or lsq scales (dynamic re-derives them)",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -117,7 +129,9 @@ class TrainConfig:
     save_every: int = 0  # save_state every N steps (0 = never mid-run)
     keep_checkpoints: int = 2  # newest N checkpoints kept
     resume: str = "none"  # none | auto (newest checkpoint in out_dir, else start fresh) | path to a checkpoint
-    stop_after: int = 0  # end this invocation after N more steps with a checkpoint (time-boxed jobs); 0 = run to the end
+    stop_after: int = (
+        0  # end this invocation after N more steps with a checkpoint (time-boxed jobs); 0 = run to the end
+    )
 
     def __post_init__(self) -> None:
         for k in ("steps", "warmup", "fake_quant_after", "save_every", "stop_after"):
@@ -127,7 +141,10 @@ class TrainConfig:
             _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
         _check(0.0 <= self.kd <= 1.0, f"train.kd must be in [0, 1], got {self.kd}")
         _check(self.kd_temperature > 0, f"train.kd_temperature must be > 0, got {self.kd_temperature}")
-        _check(self.kd_teacher in ("self", "frozen"), f"train.kd_teacher must be self or frozen, got {self.kd_teacher!r}")
+        _check(
+            self.kd_teacher in ("self", "frozen"),
+            f"train.kd_teacher must be self or frozen, got {self.kd_teacher!r}",
+        )
         _check(
             self.mixed_precision in ("auto", "no", "bf16", "fp16"),
             f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}",

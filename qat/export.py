@@ -48,7 +48,12 @@ def save_artifact(model: nn.Module, tokenizer, recipe: Recipe | None, out: str |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     modules = {
-        name: {"bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric, "bias": m.bias is not None}
+        name: {
+            "bits": m.bits,
+            "group_size": m.group_size,
+            "symmetric": m.symmetric,
+            "bias": m.bias is not None,
+        }
         for name, m in model.named_modules()
         if isinstance(m, QuantizedLinear)
     }

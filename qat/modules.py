@@ -11,8 +11,9 @@ DeepSpeed or FSDP built after `prepare` sees every parameter.
     scales="lsq"      scale/zero are Parameters trained with LSQ gradients
 
 QuantizedLinear holds what the artifact stores: packed integer codes (`bits` bits each), float32 scales and
-(asymmetric only) float32 zero points holding integers (a learned zero point may leave [qmin, qmax]). Its forward dequantizes and runs the same `quant.linear` as the fake-quant path, so a
-converted model computes exactly what the prepared model computed.
+(asymmetric only) float32 zero points holding integers (a learned zero point may leave [qmin, qmax]). Its
+forward dequantizes and runs the same `quant.linear` as the fake-quant path, so a converted model computes
+exactly what the prepared model computed.
 """
 
 from __future__ import annotations
@@ -75,7 +76,15 @@ class WeightQuantizer(nn.Module):
 class FakeQuantLinear(nn.Linear):
     """nn.Linear whose forward uses fake-quantized weights while `enabled` (the float linear otherwise)."""
 
-    def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        cfg: QuantConfig,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight_quantizer = WeightQuantizer(out_features, in_features, cfg, device=device)
         self.enabled = True
@@ -87,7 +96,9 @@ class FakeQuantLinear(nn.Linear):
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
-        new.weight_quantizer = WeightQuantizer(linear.out_features, linear.in_features, cfg, device=linear.weight.device)
+        new.weight_quantizer = WeightQuantizer(
+            linear.out_features, linear.in_features, cfg, device=linear.weight.device
+        )
         new.weight_quantizer.init_from(linear.weight)
         new.enabled = True
         new.train(linear.training)
@@ -155,5 +166,5 @@ class QuantizedLinear(nn.Module):
         return quant.linear(x, self.dequantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        g = self.group_size
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={g}, symmetric={self.symmetric}"
+        shape = f"in={self.in_features}, out={self.out_features}"
+        return f"{shape}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"

@@ -87,7 +87,11 @@ def mse_qparams(w: Tensor, bits: int, n_groups: int, symmetric: bool) -> tuple[T
     best = None
     for ratio in MSE_GRID:
         s, z = minmax_qparams(w, bits, n_groups, symmetric, ratio)
-        err = (grouped(w.detach().float() - dequantize(quantize(w, s, z, bits, symmetric), s, z), n_groups)).pow(2).sum(-1)
+        err = (
+            (grouped(w.detach().float() - dequantize(quantize(w, s, z, bits, symmetric), s, z), n_groups))
+            .pow(2)
+            .sum(-1)
+        )
         if best is None:
             best, best_s, best_z = err, s, z
             continue

@@ -53,7 +53,13 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
             _replace(model, name, FakeQuantLinear.from_linear(mod, cfg))
         except ValueError as e:  # group size vs in_features
             raise ValueError(f"cannot quantize {name}: {e}") from None
-    log.info("prepare: swapped %d/%d linears to %d-bit fake quant (group %d)", len(chosen), len(linears), cfg.bits, cfg.group_size)
+    log.info(
+        "prepare: swapped %d/%d linears to %d-bit fake quant (group %d)",
+        len(chosen),
+        len(linears),
+        cfg.bits,
+        cfg.group_size,
+    )
     return model
 
 
@@ -73,7 +79,9 @@ def set_fake_quant(model: nn.Module, on: bool) -> int:
 
 
 @torch.no_grad()
-def quant_stats(model: nn.Module, previous: dict[str, Tensor] | None = None) -> tuple[dict[str, float], dict[str, Tensor]]:
+def quant_stats(
+    model: nn.Module, previous: dict[str, Tensor] | None = None
+) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Quantization statistics over all FakeQuantLinear weights.
 
     Returns ({"quant/rel_error": Σ|w − ŵ| / Σ|w|, "quant/flip_fraction": share of weights whose integer
@@ -85,7 +93,9 @@ def quant_stats(model: nn.Module, previous: dict[str, Tensor] | None = None) -> 
         q, s, z = m.weight_quantizer.codes(m.weight)
         e, t = quant.quant_error(m.weight, quant.dequantize(q, s, z))
         err, total = err + e, total + t
-        codes[name] = q.to(torch.int8 if m.weight_quantizer.bits < 8 or m.weight_quantizer.symmetric else torch.int16).cpu()
+        codes[name] = q.to(
+            torch.int8 if m.weight_quantizer.bits < 8 or m.weight_quantizer.symmetric else torch.int16
+        ).cpu()
         if previous is not None and name in previous:
             flips += (codes[name] != previous[name]).sum().item()
             count += q.numel()

@@ -249,53 +249,61 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
     bar = tqdm(total=t.steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     prev_codes = None
     tic, interval_losses = time.perf_counter(), []
-    while state.step < stop_at:
-        fq_on = state.step >= t.fake_quant_after
-        set_fake_quant(unwrapped, fq_on)
-        lr = learning_rate(recipe, state.step)
-        for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps inside the last one
-            group["lr"] = lr
-        losses, parts = [], {}
-        for _ in range(t.grad_accum):
-            ids = next(micro)
-            with accelerator.accumulate(model):
-                loss, parts = compute_loss(recipe, model, unwrapped, teacher, ids, fq_on)
-                accelerator.backward(loss)
-            losses.append(loss.detach())
-        step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-        if not math.isfinite(step_loss):
-            last = checkpoints(out)
-            raise TrainingError(
-                f"loss is {step_loss} at step {state.step}; stopped before the update. "
-                f"Last good checkpoint: {last[-1] if last else 'none (set train.save_every)'}"
-            )
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        interval_losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
+    try:
+        while state.step < stop_at:
+            fq_on = state.step >= t.fake_quant_after
+            set_fake_quant(unwrapped, fq_on)
+            lr = learning_rate(recipe, state.step)
+            for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps inside the last one
+                group["lr"] = lr
+            losses, parts = [], {}
+            for _ in range(t.grad_accum):
+                ids = next(micro)
+                with accelerator.accumulate(model):
+                    loss, parts = compute_loss(recipe, model, unwrapped, teacher, ids, fq_on)
+                    accelerator.backward(loss)
+                losses.append(loss.detach())
+            step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+            if not math.isfinite(step_loss):
+                last = checkpoints(out)
+                raise TrainingError(
+                    f"loss is {step_loss} at step {state.step}; stopped before the update. "
+                    f"Last good checkpoint: {last[-1] if last else 'none (set train.save_every)'}"
+                )
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            interval_losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
 
-        if state.step % t.log_every == 0 or state.step == t.steps:
-            elapsed = time.perf_counter() - tic
-            logs = {
-                "train/loss": sum(interval_losses) / len(interval_losses),
-                "train/lr": lr,
-                "train/tokens_per_s": tokens_per_step * len(interval_losses) / elapsed,
-                "train/fake_quant": float(fq_on),
-            }
-            logs.update({k: v.item() for k, v in parts.items()})
-            if grad_norm is not None:
-                logs["train/grad_norm"] = float(grad_norm)
-            if t.quant_stats and recipe.quant.enabled:
-                with gathered(unwrapped):
-                    stats, prev_codes = quant_stats(unwrapped, prev_codes)
-                logs.update(stats)
-            accelerator.log(logs, step=state.step)
-            tic, interval_losses = time.perf_counter(), []
-        if (t.save_every and state.step % t.save_every == 0) or state.step == stop_at < t.steps:
-            save_checkpoint(accelerator, out, state.step, t.keep_checkpoints)
+            if state.step % t.log_every == 0 or state.step == t.steps:
+                elapsed = time.perf_counter() - tic
+                logs = {
+                    "train/loss": sum(interval_losses) / len(interval_losses),
+                    "train/lr": lr,
+                    "train/tokens_per_s": tokens_per_step * len(interval_losses) / elapsed,
+                    "train/fake_quant": float(fq_on),
+                }
+                logs.update({k: v.item() for k, v in parts.items()})
+                if grad_norm is not None:
+                    logs["train/grad_norm"] = float(grad_norm)
+                if t.quant_stats and recipe.quant.enabled:
+                    with gathered(unwrapped):
+                        stats, prev_codes = quant_stats(unwrapped, prev_codes)
+                    logs.update(stats)
+                accelerator.log(logs, step=state.step)
+                tic, interval_losses = time.perf_counter(), []
+            if (t.save_every and state.step % t.save_every == 0) or state.step == stop_at < t.steps:
+                save_checkpoint(accelerator, out, state.step, t.keep_checkpoints)
+    except KeyboardInterrupt:
+        if world > 1:  # ranks may be anywhere; a collective save could hang
+            raise
+        bar.close()
+        path = save_checkpoint(accelerator, out, state.step, t.keep_checkpoints)
+        say(f"\ninterrupted: saved {path} (step {state.step}); continue with train.resume=auto")
+        raise SystemExit(130) from None
     bar.close()
     if state.step < t.steps:
         say(f"stopped at step {state.step}/{t.steps} (train.stop_after); continue with train.resume=auto")
@@ -321,7 +329,9 @@ def compute_loss(recipe: Recipe, model, unwrapped, teacher, ids: torch.Tensor, f
 
 
 def is_zero3(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    return (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
 
 
 def gathered(model: torch.nn.Module):

@@ -103,7 +103,10 @@ def test_lsq_scale_gradient_matches_formula(symmetric):
         torch.testing.assert_close(z.grad, (go * d_z).sum(-1) * g, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("symmetric,lsq,bias", [(True, False, True), (False, False, False), (True, True, True), (False, True, True)])
+@pytest.mark.parametrize(
+    "symmetric,lsq,bias",
+    [(True, False, True), (False, False, False), (True, True, True), (False, True, True)],
+)
 def test_fused_linear_matches_reference_autograd(symmetric, lsq, bias):
     bits, n = 3, 2
     w0 = weight(24, 64)
@@ -163,7 +166,7 @@ def test_symmetric_int4_matches_torchao():
     # (multiplying by 1/s) and we (dividing by s) may break differently: one step apart, never elsewhere.
     assert torch.equal(fq.scale.view(-1), s.view(-1))
     differ = ours != theirs
-    extreme = (w.abs() == quant.grouped(w, 8).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(w.shape))
+    extreme = w.abs() == quant.grouped(w, 8).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(w.shape)
     assert not (differ & ~extreme).any()
     step = s.repeat_interleave(32, 1)
     torch.testing.assert_close((ours - theirs).abs()[differ], step[differ])

@@ -54,13 +54,17 @@ def rtn_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     return m
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=-1, symmetric=False)])
+@pytest.mark.parametrize(
+    "cfg", [QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=-1, symmetric=False)]
+)
 def test_prepared_model_at_step0_is_the_rtn_model(model, ids, cfg):
     ref = logits(rtn_model(model, cfg), ids)
     assert torch.equal(logits(prepare(model, cfg), ids), ref)
 
 
-@pytest.mark.parametrize("cfg", MODES, ids=lambda c: f"w{c.bits}g{c.group_size}-{'sym' if c.symmetric else 'asym'}-{c.scales}")
+@pytest.mark.parametrize(
+    "cfg", MODES, ids=lambda c: f"w{c.bits}g{c.group_size}-{'sym' if c.symmetric else 'asym'}-{c.scales}"
+)
 def test_convert_computes_what_prepare_computed(model, ids, cfg, tmp_path):
     prepare(model, cfg)
     if cfg.scales == "lsq":  # learned state that no longer equals its init must survive convert and save/load

@@ -54,14 +54,27 @@ def test_three_steps_artifact_and_tensorboard(tmp_path, ids):
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
     tags = scalars(tmp_path / "logs")
-    for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "quant/rel_error", "quant/flip_fraction"]:
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "quant/rel_error",
+        "quant/flip_fraction",
+    ]:
         assert tag in tags, tag
     assert [s for s, _ in tags["train/loss"]] == [1, 2, 3]
     assert [s for s, _ in tags["quant/flip_fraction"]] == [2, 3]  # needs a previous log to compare with
 
 
 def test_stop_and_resume_equals_straight_run_bitwise(tmp_path):
-    common = ["train.steps=4", "train.grad_accum=2", "train.kd=0.5", "quant.scales=lsq", "quant.symmetric=false"]
+    common = [
+        "train.steps=4",
+        "train.grad_accum=2",
+        "train.kd=0.5",
+        "quant.scales=lsq",
+        "quant.symmetric=false",
+    ]
     straight = run(tmp_path / "a", *common)
     assert run(tmp_path / "b", *common, "train.stop_after=2") == tmp_path / "b" / "final"
     assert not (tmp_path / "b" / "final").exists()
@@ -86,7 +99,14 @@ def test_steps0_is_the_ptq_model(tmp_path, ids):
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        run(tmp_path, "train.steps=6", "train.lr=1e30", "train.warmup=0", "train.grad_clip=0", "train.save_every=1")
+        run(
+            tmp_path,
+            "train.steps=6",
+            "train.lr=1e30",
+            "train.warmup=0",
+            "train.grad_clip=0",
+            "train.save_every=1",
+        )
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "error: loss is nan" in err or "error: loss is inf" in err
@@ -112,13 +132,30 @@ def launch(tmp: Path, *launch_args: str, env: dict[str, str] | None = None) -> s
 
 @pytest.mark.slow
 def test_accelerate_launch_one_process(tmp_path):
-    launch(tmp_path, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    launch(
+        tmp_path,
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    )
     load(tmp_path / "final")
 
 
 @pytest.mark.slow
 def test_accelerate_launch_ddp_two_processes(tmp_path):
-    p = launch(tmp_path, "--config_file", "launch/ddp.yaml", "--num_processes", "2", env={"ACCELERATE_USE_CPU": "true"})
+    p = launch(
+        tmp_path,
+        "--config_file",
+        "launch/ddp.yaml",
+        "--num_processes",
+        "2",
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
     assert "2 processes" in p.stdout or "processes: 2" in p.stdout, p.stdout[-2000:]
 
 
@@ -154,3 +191,10 @@ def test_deepspeed_zero3_two_processes(tmp_path):
     assert "processes: 2" in p.stdout, p.stdout[-2000:]
     model, _ = load(tmp_path / "final")
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
+
+
+def test_delayed_fake_quant_and_frozen_teacher(tmp_path):
+    run(tmp_path, "train.steps=3", "train.fake_quant_after=2", "train.kd=0.3", "train.kd_teacher=frozen")
+    tags = scalars(tmp_path / "logs")
+    assert [v for _, v in tags["train/fake_quant"]] == [0.0, 0.0, 1.0]
+    assert tags["train/kd_loss"][0][1] == pytest.approx(0.0, abs=1e-6)  # float student = frozen float teacher at step 0

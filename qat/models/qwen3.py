@@ -22,7 +22,9 @@ def resolve_attn(attn: str) -> str:
     return attn
 
 
-def load(path: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load(
+    path: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A released checkpoint (local directory or hub id) and its tokenizer."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=resolve_attn(attn))
     return model, AutoTokenizer.from_pretrained(path)

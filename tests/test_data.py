@@ -1,0 +1,59 @@
+"""Data sources and packing: every local source gives the same documents; rows are the EOS-joined token stream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qat.config import DataConfig, RecipeError
+from qat.data import build, load_documents, pack
+from qat.models.tiny import byte_tokenizer
+
+DOCS = ["def f(x):\n    return x\n", "import os\nprint(os.sep)\n", "class A:\n    pass\n"]
+
+
+@pytest.fixture
+def sources(tmp_path):
+    import pandas as pd
+
+    (tmp_path / "code.jsonl").write_text(
+        "".join(json.dumps({"content": d, "id": i}) + "\n" for i, d in enumerate(DOCS))
+    )
+    pd.DataFrame({"content": DOCS}).to_parquet(tmp_path / "code.parquet")
+    src = tmp_path / "src"
+    for i, d in enumerate(DOCS):
+        (src / f"pkg{i}").mkdir(parents=True)
+        (src / f"pkg{i}" / "m.py").write_text(d)
+    (src / "pkg0" / "notes.txt").write_text("not code")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["code.jsonl", "code.parquet", "src"])
+def test_local_sources_give_the_documents(sources, name):
+    assert load_documents(DataConfig(path=str(sources / name)))["text"] == DOCS
+    assert load_documents(DataConfig(path=str(sources / name), max_docs=2))["text"] == DOCS[:2]
+
+
+def test_packing_is_the_eos_joined_stream():
+    tok = byte_tokenizer()
+    from datasets import Dataset
+
+    rows = pack(Dataset.from_dict({"text": DOCS}), tok, seq_len=16)
+    stream = [t for d in DOCS for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert rows["input_ids"].shape == (len(stream) // 16, 16)
+    assert rows["input_ids"].flatten().tolist() == stream[: len(stream) // 16 * 16]
+
+
+def test_stdlib_source_is_real_code():
+    docs = load_documents(DataConfig(path="stdlib", max_docs=5))["text"]
+    assert len(docs) == 5 and all(isinstance(d, str) and d for d in docs)
+
+
+def test_user_errors(sources):
+    with pytest.raises(RecipeError, match="no such file"):
+        load_documents(DataConfig(path=str(sources / "missing.jsonl")))
+    with pytest.raises(RecipeError, match="text_field='code'"):
+        load_documents(DataConfig(path=str(sources / "code.jsonl"), text_field="code"))
+    with pytest.raises(RecipeError, match="fewer than one batch"):
+        build(DataConfig(path=str(sources / "code.jsonl")), byte_tokenizer(), seq_len=512, min_rows=4)
