@@ -215,7 +215,9 @@ class _FakeQuantLinear(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 # Clipped STE: pass the gradient where qmin ≤ r ≤ qmax. r holds integers, so hardtanh's strict
                 # bounds at ±½ beyond the grid select exactly those codes, in one fused pass with no bool mask.
-                gw = torch.ops.aten.hardtanh_backward(gw_hat, r, qmin - 0.5, qmax + 0.5).view(w.shape).to(w.dtype)
+                mask = torch.ops.aten.hardtanh_backward.grad_input
+                out = gw_hat if not lsq else torch.empty_like(gw_hat)  # in place unless LSQ still needs gw_hat
+                gw = mask(gw_hat, r, qmin - 0.5, qmax + 0.5, grad_input=out).view(w.shape).to(w.dtype)
             if lsq:
                 # ∂ŵ/∂s = (q − z) − w/s inside, (q − z) where clamped; ∂ŵ/∂z = −s where clamped.
                 inside = (r >= qmin) & (r <= qmax)

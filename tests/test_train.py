@@ -198,3 +198,19 @@ def test_delayed_fake_quant_and_frozen_teacher(tmp_path):
     tags = scalars(tmp_path / "logs")
     assert [v for _, v in tags["train/fake_quant"]] == [0.0, 0.0, 1.0]
     assert tags["train/kd_loss"][0][1] == pytest.approx(0.0, abs=1e-6)  # float student = frozen float teacher at step 0
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+    real, calls = train.compute_loss, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # during step 3
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "compute_loss", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "train.steps=5")
+    assert e.value.code == 130
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]
