@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qat.config import DataConfig, RecipeError
 from qat.data import build, load_documents, pack
@@ -41,8 +42,9 @@ def test_packing_is_the_eos_joined_stream():
 
     rows = pack(Dataset.from_dict({"text": DOCS}), tok, seq_len=16)
     stream = [t for d in DOCS for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    assert rows["input_ids"].shape == (len(stream) // 16, 16)
-    assert rows["input_ids"].flatten().tolist() == stream[: len(stream) // 16 * 16]
+    ids = torch.stack([r["input_ids"] for r in rows])
+    assert ids.shape == (len(stream) // 16, 16)
+    assert ids.flatten().tolist() == stream[: len(stream) // 16 * 16]
 
 
 def test_stdlib_source_is_real_code():
