@@ -12,8 +12,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import is_flash_attn_2_available
 
-OBJECTIVE = "next_token"
-
 
 def resolve_attn(attn: str) -> str:
     if attn == "flash_attention_2" and not is_flash_attn_2_available():
