@@ -21,6 +21,7 @@ converted model computed. A float baseline (quant.bits=16) is the same directory
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ def save_artifact(model: nn.Module, tokenizer, recipe: Recipe | None, out: str |
         "format": FORMAT,
         "dtype": _dtype_name(dtype),
         "tied": tied,
-        "quant": None if recipe is None else _plain(recipe.quant),
+        "quant": None if recipe is None else asdict(recipe.quant),
         "modules": modules,
     }
     (out / QUANT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -95,18 +96,12 @@ def _unshared_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return tensors, tied
 
 
-def _plain(dc) -> dict:
-    from dataclasses import asdict
-
-    return asdict(dc)
-
-
 def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str = "sdpa"):
     """(model, tokenizer) from an artifact directory written by `save_artifact`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from qat.models.qwen3 import resolve_attn
-    from qat.swap import _replace
+    from qat.swap import replace_module
 
     path = Path(path)
     meta = json.loads((path / QUANT_FILE).read_text())
@@ -117,7 +112,7 @@ def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str 
     model = AutoModelForCausalLM.from_config(config, dtype=saved, attn_implementation=resolve_attn(attn))
     for name, m in meta["modules"].items():
         lin = model.get_submodule(name)
-        _replace(model, name, QuantizedLinear(lin.in_features, lin.out_features, m["bits"], m["group_size"],
+        replace_module(model, name, QuantizedLinear(lin.in_features, lin.out_features, m["bits"], m["group_size"],
                                               m["symmetric"], m["bias"], saved))  # fmt: skip
     tensors = load_file(str(path / WEIGHTS_FILE))
     for dropped, kept in meta.get("tied", {}).items():

@@ -33,7 +33,7 @@ def skipped(name: str, patterns: list[str]) -> bool:
     return any(fnmatch(s, p) for p in patterns for s in suffixes)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -50,7 +50,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     chosen = [(n, m) for n, m in linears if not skipped(n, list(cfg.skip))]
     for name, mod in chosen:
         try:
-            _replace(model, name, FakeQuantLinear.from_linear(mod, cfg))
+            replace_module(model, name, FakeQuantLinear.from_linear(mod, cfg))
         except ValueError as e:  # group size vs in_features
             raise ValueError(f"cannot quantize {name}: {e}") from None
     log.info(
@@ -66,7 +66,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 def convert(model: nn.Module) -> nn.Module:
     """Bake every FakeQuantLinear into a QuantizedLinear."""
     for name, mod in list(fake_quant_modules(model)):
-        _replace(model, name, QuantizedLinear.from_fake_quant(mod))
+        replace_module(model, name, QuantizedLinear.from_fake_quant(mod))
     return model
 
 
