@@ -129,9 +129,7 @@ class TrainConfig:
     save_every: int = 0  # save_state every N steps (0 = never mid-run)
     keep_checkpoints: int = 2  # newest N checkpoints kept
     resume: str = "none"  # none | auto (newest checkpoint in out_dir, else start fresh) | path to a checkpoint
-    stop_after: int = (
-        0  # end this invocation after N more steps with a checkpoint (time-boxed jobs); 0 = run to the end
-    )
+    stop_after: int = 0  # end this invocation after N more steps, with a checkpoint (time-boxed jobs)
 
     def __post_init__(self) -> None:
         for k in ("steps", "warmup", "fake_quant_after", "save_every", "stop_after"):

@@ -112,8 +112,10 @@ def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str 
     model = AutoModelForCausalLM.from_config(config, dtype=saved, attn_implementation=resolve_attn(attn))
     for name, m in meta["modules"].items():
         lin = model.get_submodule(name)
-        replace_module(model, name, QuantizedLinear(lin.in_features, lin.out_features, m["bits"], m["group_size"],
-                                              m["symmetric"], m["bias"], saved))  # fmt: skip
+        shell = QuantizedLinear(
+            lin.in_features, lin.out_features, m["bits"], m["group_size"], m["symmetric"], m["bias"], saved
+        )
+        replace_module(model, name, shell)
     tensors = load_file(str(path / WEIGHTS_FILE))
     for dropped, kept in meta.get("tied", {}).items():
         tensors[dropped] = tensors[kept]

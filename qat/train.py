@@ -328,19 +328,17 @@ def compute_loss(recipe: Recipe, model, unwrapped, teacher, ids: torch.Tensor, f
     return (1 - t.kd) * ce + t.kd * kd, {"train/ce_loss": ce.detach(), "train/kd_loss": kd.detach()}
 
 
-def is_zero3(accelerator: Accelerator) -> bool:
-    return (
-        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-    )
+def partitioned(model: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned the parameters (each then carries a `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def gathered(model: torch.nn.Module):
     """Full parameters outside forward when ZeRO-3 has partitioned them (on every rank); a no-op otherwise."""
-    params = list(model.parameters())
-    if any(hasattr(p, "ds_id") for p in params):
+    if partitioned(model):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
     return nullcontext()
 
 
@@ -348,7 +346,7 @@ def finish(recipe: Recipe, accelerator: Accelerator, model, tokenizer) -> Path:
     """Convert and save `<out_dir>/final/` (main process), report its size."""
     final = Path(recipe.out_dir) / "final"
     accelerator.wait_for_everyone()
-    if is_zero3(accelerator):  # parameters are sharded: gather a full state dict into a fresh CPU model
+    if partitioned(model):  # ZeRO-3 shards: gather a full state dict into a fresh CPU model
         state = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             from transformers.integrations import deepspeed as hf_ds
