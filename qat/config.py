@@ -98,13 +98,35 @@ class QuantConfig:
 @dataclass
 class DataConfig:
     path: str = "stdlib"  # jsonl/parquet file, directory of source files, `stdlib` (this Python's), or a hub id
+    subset: str = ""  # hub dataset configuration name (e.g. educational_instruct), if it has several
+    format: str = "packed"  # packed: documents concatenated into rows | chat: one prompt/response pair per row
     glob: str = "*.py"  # files taken from a directory (recursively)
-    text_field: str = "content"  # column holding the code in jsonl/parquet/hub data
+    text_field: str = "content"  # packed: column holding the code in jsonl/parquet/hub data
+    prompt_field: str = "instruction"  # chat: the user turn
+    response_field: str = "output"  # chat: the assistant turn
     split: str = "train"  # hub split
     max_docs: int = 0  # use the first N documents (sorted, deterministic); 0 = all
 
     def __post_init__(self) -> None:
         _check(self.max_docs >= 0, f"data.max_docs must be >= 0, got {self.max_docs}")
+        _check(self.format in ("packed", "chat"), f"data.format must be packed or chat, got {self.format!r}")
+
+
+@dataclass
+class DiffusionConfig:
+    """Masked-diffusion training of the coda family (qat/objectives.py); ignored by causal models."""
+
+    eps: float = 1e-3  # masking ratio sigma ~ U(eps, 1) per sequence
+    prefix_prob: float = 0.0  # S1: a row keeps a random prefix unmasked (packed rows only)
+    truncate_prob: float = 0.0  # S2: a row's random suffix becomes unsupervised padding (packed rows only)
+    block_prob: float = 0.0  # S3: a batch masks contiguous windows instead of single tokens
+    block_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])  # S3 window lengths, one drawn per batch
+
+    def __post_init__(self) -> None:
+        _check(0 < self.eps < 1, f"diffusion.eps must be in (0, 1), got {self.eps}")
+        for k in ("prefix_prob", "truncate_prob", "block_prob"):
+            _check(0 <= getattr(self, k) <= 1, f"diffusion.{k} must be in [0, 1], got {getattr(self, k)}")
+        _check(all(k >= 1 for k in self.block_sizes), f"diffusion.block_sizes must be >= 1, got {self.block_sizes}")
 
 
 @dataclass
@@ -156,6 +178,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -1,24 +1,175 @@
-"""Training losses. The AR/diffusion difference lives here and in the sampler; everything else is shared.
+"""Training losses for both families, as one weighted next-token cross-entropy.
 
-    next_token_loss   mean cross-entropy of token t+1 given tokens ≤ t (logits are unshifted, [B, L, V])
-    kd_loss           T² · KL(teacher ‖ student) on the softened next-token distributions, mean per position
-                      (Hinton et al.; the T² keeps gradient magnitudes comparable across temperatures)
+Both families are trained to predict token i+1 from the logits at position i (CoDA keeps the AR shift of the
+Qwen3 it was initialised from). They differ only in what the model sees and which positions count, so a
+micro-batch becomes an `Example` and one loss serves both:
 
-Both are computed in float32 whatever the logits' dtype.
+    loss = Σ_{b,i} weight[b,i] · CE(logits[b,i], targets[b,i]) / norm,      targets[b,i] = ids[b,i+1]
+
+    causal (qwen3)      inputs = ids; weight = 1 on supervised targets (all of a packed row; in chat/SFT rows
+                        the response, not the prompt or padding); norm = Σ weight (the mean over targets)
+    masked diffusion    sigma_b ~ U(eps, 1) per sequence; each maskable position is replaced by <|mask|> with
+    (coda)              probability sigma_b; inputs = the noised ids; weight = 1/sigma_b where the *target* is
+                        masked, else 0; norm = B·L (all positions, padding included). This is CoDA's loss
+                        (coda.md §3): the 1/sigma weighting makes Σ weight·CE / (B·L) an unbiased estimate of
+                        the per-token ELBO term, since a position is masked with probability sigma.
+
+Diffusion options, all from CoDA's recipes (`DiffusionConfig`):
+    SFT rows          `src_mask` marks the prompt (up to and including `<|im_start|>assistant`): never masked.
+                      Right padding is maskable and supervised, which is how CoDA learns where answers end.
+    S1 prefix         (rows without src_mask) with probability prefix_prob a row keeps a random prefix
+                      [0, randint(1, L-1)) unmasked
+    S2 truncation     with probability truncate_prob a row not chosen for S1 has a random suffix replaced by
+                      padding, which is never masked (so never supervised)
+    S3 block masking  with probability block_prob a batch masks contiguous windows of k ∈ block_sizes tokens
+                      (one k per batch): each window of k maskable tokens is chosen with probability
+                      1 − (1 − sigma)^(1/k), so an interior token stays masked with marginal probability sigma.
+                      (The reference only tests block_probability > 0, i.e. masks every batch in blocks when it
+                      is positive; block_prob = 1 reproduces that.)
+
+Distillation (`kd_loss`) uses the same example: T² · KL(teacher ‖ student) of the softened predictions,
+weighted and normalised like the CE, so for CoDA the teacher (the float model) sees the same noised input,
+and only the masked positions count, with the same 1/sigma weights. Everything is computed in float32, and
+only on the rows with non-zero weight (for a 151k vocabulary the upcast logits are the largest tensor).
+Random draws take an explicit `generator`, which the trainer seeds from (seed, rank, step, micro-batch):
+noise is then a pure function of the position in training, and resuming reproduces it without saving RNG.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def next_token_loss(logits: Tensor, input_ids: Tensor) -> Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+@dataclass
+class Example:
+    """One micro-batch as the loss sees it. `masked`/`sigma` are set for diffusion examples (for inspection)."""
+
+    inputs: Tensor  # [B, L] token ids fed to the model
+    targets: Tensor  # [B, L-1] the token each position i predicts (ids[:, i+1])
+    weight: Tensor  # [B, L-1] float32 loss weight per position
+    norm: Tensor | float  # loss = Σ weight · CE / norm
+    masked: Tensor | None = None  # [B, L] bool: positions replaced by the mask token
+    sigma: Tensor | None = None  # [B] masking ratio per sequence
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    t = temperature
-    s = F.log_softmax(student_logits[:, :-1].float() / t, -1)
-    p = F.log_softmax(teacher_logits[:, :-1].float() / t, -1)
-    return F.kl_div(s, p, log_target=True, reduction="none").sum(-1).mean() * (t * t)
+def causal_example(ids: Tensor, src_mask: Tensor | None = None, valid: Tensor | None = None) -> Example:
+    """Next-token prediction on `ids`; `src_mask` (prompt) and `~valid` (padding) targets are not supervised."""
+    weight = torch.ones_like(ids[:, 1:], dtype=torch.float32)
+    if src_mask is not None:
+        weight = weight * ~src_mask[:, 1:]
+    if valid is not None:
+        weight = weight * valid[:, 1:]
+    return Example(ids, ids[:, 1:], weight, weight.sum().clamp(min=1.0))
+
+
+def _rand(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(shape, device=like.device, generator=generator)
+
+
+def _randint(low: int, high: int, n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randint(low, high, (n,), device=like.device, generator=generator)
+
+
+def block_mask(maskable: Tensor, sigma: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """Union of chosen k-windows: a window of k maskable tokens is chosen w.p. 1 − (1 − sigma)^(1/k)."""
+    B, L = maskable.shape
+    if k > L:
+        return torch.zeros_like(maskable)
+    # windows[b, w] = all of maskable[b, w : w + k]
+    whole = maskable.float().unfold(1, k, 1).amin(-1).bool()  # [B, L-k+1]
+    p_win = 1 - (1 - sigma[:, None]) ** (1.0 / k)
+    chosen = whole & (_rand(tuple(whole.shape), maskable, generator) < p_win)
+    # position j is masked iff a chosen window starts in [j-k+1, j]: a sliding max over the start flags
+    starts = F.pad(chosen.float(), (k - 1, k - 1))
+    return starts.unfold(1, k, 1).amax(-1).bool()[:, :L]
+
+
+def diffusion_example(
+    ids: Tensor,
+    mask_id: int,
+    *,
+    src_mask: Tensor | None = None,
+    pad_id: int | None = None,
+    eps: float = 1e-3,
+    prefix_prob: float = 0.0,
+    truncate_prob: float = 0.0,
+    block_prob: float = 0.0,
+    block_sizes: tuple[int, ...] | list[int] = (),
+    generator: torch.Generator | None = None,
+) -> Example:
+    """CoDA's masked-diffusion noising of a batch of clean `ids` (see the module docstring)."""
+    B, L = ids.shape
+    maskable = torch.ones_like(ids, dtype=torch.bool) if src_mask is None else ~src_mask.bool()
+    if src_mask is None and (prefix_prob > 0 or truncate_prob > 0):
+        positions = torch.arange(L, device=ids.device)[None]
+        prefix = _rand((B,), ids, generator) < prefix_prob
+        trunc = (_rand((B,), ids, generator) < truncate_prob) & ~prefix  # S2 only on rows without S1
+        if prefix_prob > 0:
+            plen = _randint(1, L, B, ids, generator)
+            maskable &= ~(prefix[:, None] & (positions < plen[:, None]))
+        if truncate_prob > 0:
+            if pad_id is None:
+                raise ValueError("truncation (S2) needs pad_id")
+            cut = _randint(1, L, B, ids, generator)
+            ids = ids.masked_fill(trunc[:, None] & (positions >= cut[:, None]), pad_id)
+            maskable &= ids != pad_id  # padding (added here or already there) is never masked
+    sigma = (1 - eps) * _rand((B,), ids, generator) + eps
+    k = 1
+    if block_sizes and block_prob > 0 and _rand((1,), ids, generator).item() < block_prob:
+        k = int(block_sizes[_randint(0, len(block_sizes), 1, ids, generator).item()])
+    if k == 1:
+        masked = (_rand((B, L), ids, generator) < sigma[:, None]) & maskable
+    else:
+        masked = block_mask(maskable, sigma, k, generator)
+    noisy = ids.masked_fill(masked, mask_id)
+    weight = masked[:, 1:].float() / sigma[:, None]
+    return Example(noisy, ids[:, 1:], weight, float(B * L), masked, sigma)
+
+
+def example(family: str, batch: dict[str, Tensor], model_config, diffusion, generator=None) -> Example:
+    """The family's Example for a collated batch (`input_ids`, optional `src_mask`, `valid`); `diffusion` is
+    the recipe's DiffusionConfig, `model_config` supplies the mask and pad ids."""
+    ids = batch["input_ids"]
+    if family != "coda":
+        return causal_example(ids, batch.get("src_mask"), batch.get("valid"))
+    d = diffusion
+    return diffusion_example(
+        ids, model_config.mask_token_id, src_mask=batch.get("src_mask"), pad_id=model_config.pad_token_id,
+        eps=d.eps, prefix_prob=d.prefix_prob, truncate_prob=d.truncate_prob, block_prob=d.block_prob,
+        block_sizes=d.block_sizes, generator=generator,
+    )  # fmt: skip
+
+
+def noise_generator(device: torch.device | str, *keys: int) -> torch.Generator:
+    """A generator seeded by a hash of `keys` (seed, rank, step, micro-batch): independent streams per key."""
+    digest = hashlib.blake2b("/".join(map(str, keys)).encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def _selected(logits: Tensor, ex: Example) -> tuple[Tensor, Tensor]:
+    """(float32 logits, weights) of the positions that carry weight: [N, V], [N]."""
+    sel = ex.weight > 0
+    return logits[:, :-1][sel].float(), ex.weight[sel]
+
+
+def ce_loss(logits: Tensor, ex: Example) -> Tensor:
+    """Σ weight · CE(logits[:, i], targets[:, i]) / norm; logits are the model's raw, unshifted [B, L, V]."""
+    lg, w = _selected(logits, ex)
+    ce = F.cross_entropy(lg, ex.targets[ex.weight > 0], reduction="none")
+    return (ce * w).sum() / ex.norm
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, ex: Example, temperature: float = 1.0) -> Tensor:
+    """T² · Σ weight · KL(teacher ‖ student) / norm on softened distributions (Hinton et al.; the T² keeps
+    gradient magnitudes comparable across temperatures)."""
+    s, w = _selected(student_logits, ex)
+    t, _ = _selected(teacher_logits, ex)
+    t2 = temperature * temperature
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                  reduction="none").sum(-1)  # fmt: skip
+    return (kl * w).sum() / ex.norm * t2

@@ -257,10 +257,11 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
             for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps inside the last one
                 group["lr"] = lr
             losses, parts = [], {}
-            for _ in range(t.grad_accum):
-                ids = next(micro)
+            for i in range(t.grad_accum):
+                batch = next(micro)
+                rng = objectives.noise_generator(accelerator.device, t.seed, accelerator.process_index, state.step, i)
                 with accelerator.accumulate(model):
-                    loss, parts = compute_loss(recipe, model, unwrapped, teacher, ids, fq_on)
+                    loss, parts = compute_loss(recipe, model, unwrapped, teacher, batch, fq_on, rng)
                     accelerator.backward(loss)
                 losses.append(loss.detach())
             step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
@@ -310,21 +311,23 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
     return model, state.step == t.steps
 
 
-def compute_loss(recipe: Recipe, model, unwrapped, teacher, ids: torch.Tensor, fq_on: bool):
-    """(loss, {log tag: value}) for one micro-batch: next-token CE, mixed with distillation when train.kd > 0."""
+def compute_loss(recipe: Recipe, model, unwrapped, teacher, batch: dict, fq_on: bool, rng: torch.Generator):
+    """(loss, {log tag: value}) for one micro-batch: the family's loss (next-token CE for qwen3, masked-diffusion
+    CE for coda, see qat/objectives.py), mixed with distillation on the same inputs when train.kd > 0."""
     t = recipe.train
-    logits = model(input_ids=ids).logits
-    ce = objectives.next_token_loss(logits, ids)
+    ex = objectives.example(recipe.model.family, batch, unwrapped.config, recipe.diffusion, rng)
+    logits = model(input_ids=ex.inputs).logits
+    ce = objectives.ce_loss(logits, ex)
     if t.kd == 0:
         return ce, {}
     with torch.no_grad():
         if teacher is not None:
-            t_logits = teacher(input_ids=ids).logits
+            t_logits = teacher(input_ids=ex.inputs).logits
         else:  # the same weights with fake quant off: the float model the student is being pulled towards
             set_fake_quant(unwrapped, False)
-            t_logits = model(input_ids=ids).logits
+            t_logits = model(input_ids=ex.inputs).logits
             set_fake_quant(unwrapped, fq_on)
-    kd = objectives.kd_loss(logits, t_logits, t.kd_temperature)
+    kd = objectives.kd_loss(logits, t_logits, ex, t.kd_temperature)
     return (1 - t.kd) * ce + t.kd * kd, {"train/ce_loss": ce.detach(), "train/kd_loss": kd.detach()}
 
 

@@ -59,3 +59,46 @@ def test_user_errors(sources):
         load_documents(DataConfig(path=str(sources / "code.jsonl"), text_field="code"))
     with pytest.raises(RecipeError, match="fewer than one batch"):
         build(DataConfig(path=str(sources / "code.jsonl")), byte_tokenizer(), seq_len=512, min_rows=4)
+
+
+def chat_source(tmp_path, pairs):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"instruction": p, "output": r}) + "\n" for p, r in pairs))
+    return DataConfig(path=str(path), format="chat")
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_chat_rows_mask_the_prompt_and_pad_right(tmp_path, real):
+    from tests.conftest import SHARED
+
+    if real:
+        from transformers import AutoTokenizer
+
+        src = SHARED / "data" / "coda_checkpoint_format"
+        if not src.is_dir():
+            pytest.skip("no shared CoDA tokenizer")
+        tok = AutoTokenizer.from_pretrained(src)
+    else:
+        tok = byte_tokenizer(eos="<|im_end|>")
+    pairs = [("Add two numbers.", "def add(a, b):\n    return a + b"), (" ".join(f"w{i}" for i in range(200)), "too long")]
+    rows = build(chat_source(tmp_path, pairs), tok, seq_len=160)
+    assert len(rows) == 1  # the over-length example is dropped, not truncated
+    ids, src_mask, valid = rows[0]["input_ids"].tolist(), rows[0]["src_mask"], rows[0]["valid"]
+    text = tok.apply_chat_template([{"role": "user", "content": pairs[0][0]},
+                                    {"role": "assistant", "content": pairs[0][1]}], tokenize=False,
+                                   enable_thinking=False)  # fmt: skip
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    assert ids[n:] == [tok.pad_token_id] * (160 - n) and valid.sum() == n and len(ids) == 160
+    prompt = tok.decode(ids[: int(src_mask.sum())])
+    assert prompt.endswith("<|im_start|>assistant") and pairs[0][0] in prompt
+    assert "<think>" in tok.decode(ids[int(src_mask.sum()) : n]) and src_mask[: int(src_mask.sum())].all()
+    if real:
+        end = int(src_mask.sum())
+        assert ids[end - 2 : end] == [151644, 77091]
+
+
+def test_chat_needs_the_columns(tmp_path):
+    cfg = chat_source(tmp_path, [("a", "b")])
+    cfg.response_field = "answer"
+    with pytest.raises(RecipeError, match="response_field"):
+        load_documents(cfg)

@@ -2,7 +2,9 @@
 
 `path` is a released checkpoint (local directory or hub id) or an artifact this toolkit wrote
 (`<out_dir>/final/`, recognised by its `quantization.json`). The family comes from `config.json`'s
-`model_type`: `qwen3` (and other causal LMs) → qat.models.qwen3; `CoDA` → the diffusion family.
+`model_type`: `qwen3` (and other causal LMs) → qat.models.qwen3; `CoDA` → qat.models.coda (the diffusion
+family; importing it registers the CoDA config and model with transformers' Auto classes, which is how
+artifacts of either family are rebuilt from their config.json).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from types import ModuleType
 
 import torch
 
-from qat.models import qwen3
+from qat.models import coda, qwen3
 
-FAMILIES: dict[str, ModuleType] = {"qwen3": qwen3}
+FAMILIES: dict[str, ModuleType] = {"qwen3": qwen3, "coda": coda}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -28,7 +30,7 @@ def family_of(path: str) -> str:
         from transformers import AutoConfig
 
         model_type = AutoConfig.from_pretrained(path).model_type
-    return "coda" if model_type.lower() == "coda" else "qwen3"
+    return "coda" if model_type == coda.MODEL_TYPE else "qwen3"
 
 
 def adapter(family: str) -> ModuleType:

@@ -1,15 +1,24 @@
 """Tiny random base models in the exact released formats, for CPU runs, tests and CI.
 
-    python -m qat.models.tiny out=checkpoints/tiny-qwen3 [seed=0]
+    python -m qat.models.tiny out=checkpoints/tiny-qwen3 [family=qwen3|coda] [seed=0]
 
-writes a randomly initialised Qwen3 checkpoint (2 layers, hidden 128, every linear's in_features a
-multiple of 128 so the real W4 g128 recipe applies unchanged) with a byte-level tokenizer: the 256 byte
-symbols and no merges (nothing to train, nothing to download), plus Qwen's special tokens. It learns
-nothing; it exercises every code path of a real checkpoint in well under a second.
+writes a randomly initialised checkpoint (2 layers, hidden 128, every linear's in_features a multiple of
+128 so the real W4 g128 recipes apply unchanged) with a byte-level tokenizer: the 256 byte symbols and no
+merges (nothing to train, nothing to download), plus Qwen's special tokens (<|endoftext|> 256,
+<|im_start|> 257, <|im_end|> 258, <|mask|> 259) and a ChatML chat template. It learns nothing; it
+exercises every code path of a real checkpoint in well under a second.
+
+`family=coda` writes CoDA's released format, not what `save_pretrained` would write: the real config.json's
+field set (`model_type: "CoDA"`, `rope_theta`, `rope_scaling: null`, the remote-code `auto_map`, the training
+keys, no `tie_word_embeddings`) with small sizes, and a safetensors file, optionally sharded with an index,
+holding the reference's key names including a separate `lm_head.weight`. `build_coda(tokenizer_dir=...)` uses
+real tokenizer files instead (then the vocabulary is the real 151936).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +27,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+# ChatML as Qwen3 renders it with enable_thinking=False: the final assistant turn (or the generation prompt)
+# opens with an empty think block.
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' -}}"
+    "{%- if m['role'] == 'assistant' and loop.last -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{{- m['content'] + '<|im_end|>\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}{%- endif -%}"
+)
 
 
 def _byte_symbols() -> list[str]:
@@ -27,15 +46,15 @@ def _byte_symbols() -> list[str]:
     return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
+def byte_tokenizer(eos: str = "<|endoftext|>") -> PreTrainedTokenizerFast:
     vocab = {ch: b for b, ch in enumerate(_byte_symbols())}  # token id = byte value
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens(SPECIALS)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="<|mask|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        tokenizer_object=tk, eos_token=eos, pad_token="<|endoftext|>", mask_token="<|mask|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE,
     )  # fmt: skip
 
 
@@ -60,6 +79,74 @@ def build(out: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16, *
     return out
 
 
+# The released CoDA config.json, field for field (values are the 1.7B ones; sizes are overridden).
+CODA_RELEASED_CONFIG = {
+    "architectures": ["CoDALanguageModel"], "attention_bias": False, "attention_dropout": 0.0,
+    "attention_kernel": "flash_attention",
+    "auto_map": {"AutoConfig": "model_config.CoDAConfig", "AutoModel": "modeling_coda.CoDALanguageModel"},
+    "block_masking_probability": [0.25, 0.5, 0.5, 0.75, 0.25], "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "mask_block_sizes": [4, 8, 16, 32],
+    "mask_token_id": 151669, "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "CoDA",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "pad_token_id": 151643,
+    "prefix_probability": 0, "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000,
+    "sampling_eps": [0.001, 0.25, 0.5, 0.25, 0.001], "sliding_window": None, "torch_dtype": "float32",
+    "transformers_version": "4.47.1", "truncate_probability": 0, "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936,
+}  # fmt: skip
+TINY_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, max_window_layers=2, max_position_embeddings=4096)  # fmt: skip
+
+
+def build_coda(
+    out: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16, tokenizer_dir: str | Path | None = None,
+    shards: int = 1, tie: bool = False, **overrides,
+) -> Path:  # fmt: skip
+    """Write a tiny random CoDA checkpoint in the released format to `out` (see the module docstring).
+
+    tokenizer_dir: copy real tokenizer files from there (vocab 151936, the real special ids) instead of the
+    byte-level one; shards > 1: split the weights over that many files plus model.safetensors.index.json;
+    tie: leave `lm_head.weight` out of the files (the loader must then tie it to the embeddings)."""
+    from safetensors.torch import save_file
+
+    from qat.models.coda import CoDAConfig, CoDAForMaskedDiffusion
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = {**CODA_RELEASED_CONFIG, **TINY_SIZES, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if tokenizer_dir is None:
+        tok = byte_tokenizer(eos="<|im_end|>")
+        tok.save_pretrained(out)
+        # the released config leaves bos/eos to the class defaults (151643/151645), outside this vocabulary
+        fields.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id, mask_token_id=tok.mask_token_id,
+                      bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    else:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name not in ("config.json", "generation_config.json", "README.md") and f.is_file():
+                shutil.copy(f, out / f.name)
+    fields.update(overrides)
+    (out / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
+
+    torch.manual_seed(seed)
+    model = CoDAForMaskedDiffusion(CoDAConfig.from_pretrained(out)).to(dtype)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+    weight_map = {}
+    for i in range(shards):
+        part = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        chunk = names[i::shards]
+        save_file({k: tensors[k] for k in chunk}, str(out / part), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, part))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
-    print(build(args.get("out", "checkpoints/tiny-qwen3"), seed=int(args.get("seed", 0))))
+    family = args.get("family", "qwen3")
+    builder = {"qwen3": build, "coda": build_coda}[family]
+    print(builder(args.get("out", f"checkpoints/tiny-{family}"), seed=int(args.get("seed", 0))))
