@@ -80,7 +80,8 @@ def test_chat_rows_mask_the_prompt_and_pad_right(tmp_path, real):
         tok = AutoTokenizer.from_pretrained(src)
     else:
         tok = byte_tokenizer(eos="<|im_end|>")
-    pairs = [("Add two numbers.", "def add(a, b):\n    return a + b"), (" ".join(f"w{i}" for i in range(200)), "too long")]
+    long = " ".join(f"w{i}" for i in range(200))
+    pairs = [("Add two numbers.", "def add(a, b):\n    return a + b"), (long, "too long")]
     rows = build(chat_source(tmp_path, pairs), tok, seq_len=160)
     assert len(rows) == 1  # the over-length example is dropped, not truncated
     ids, src_mask, valid = rows[0]["input_ids"].tolist(), rows[0]["src_mask"], rows[0]["valid"]

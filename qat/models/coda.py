@@ -80,6 +80,7 @@ class CoDAForMaskedDiffusion(Qwen3ForCausalLM):
     def __init__(self, config: CoDAConfig):
         config.is_causal = False  # SDPA/eager: the mask builder returns a full (no) mask
         config.use_cache = False
+        config.architectures = [type(self).__name__]  # not the reference's remote-code class
         super().__init__(config)
         for m in self.modules():
             if hasattr(m, "is_causal"):  # flash-attention reads the module flag
