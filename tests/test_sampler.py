@@ -10,22 +10,21 @@ import pytest
 import torch
 from torch import nn
 
+from qat.models.coda import CoDAConfig, CoDAForMaskedDiffusion
 from qat.models.sampler import ALGS, _Predictor, diffusion_generate, sample_tokens, top_k_filter, top_p_filter
-from tests.conftest import tiny_qwen3
+from qat.models.tiny import TINY_SIZES
 
 MASK = 259
 DETERMINISTIC = ["maskgit_plus", "topk_margin", "entropy"]
 
 
 def bidirectional(seed: int = 0) -> nn.Module:
-    """A tiny random CoDA-like model: Qwen3 with causality off, mask id 259 whose head row is zero, so that a
-    random head never prefers committing the mask id (a trained CoDA never does either)."""
-    m = tiny_qwen3(seed, tie_word_embeddings=False)
-    m.config.is_causal = False
-    for mod in m.modules():
-        if hasattr(mod, "is_causal"):
-            mod.is_causal = False
-    m.config.mask_token_id = MASK
+    """A tiny random CoDA (qat.models.coda) with mask id 259 whose head row is zero, so that a random head never
+    prefers committing the mask id (a trained CoDA never does either)."""
+    torch.manual_seed(seed)
+    config = CoDAConfig(vocab_size=260, **TINY_SIZES, pad_token_id=256, bos_token_id=256, eos_token_id=258,
+                        mask_token_id=MASK)  # fmt: skip
+    m = CoDAForMaskedDiffusion(config).eval()
     with torch.no_grad():
         m.lm_head.weight[MASK] = 0
     return m
@@ -175,14 +174,16 @@ def test_fast_is_exact(alg, steps):
         assert calls[0] < steps
     else:
         assert calls[0] <= steps
+    head = diffusion_generate(model, ids, generator=torch.Generator().manual_seed(5), masked_head=True, **kw)
+    assert torch.equal(exact, head)  # not guaranteed bitwise in general (rounding ties), but here it is
 
 
 def test_fast_head_rows_equal_the_full_logits(model):
     x = torch.nn.functional.pad(prompt(), (0, 9), value=MASK)
     x[0, 8] = 3  # rows with different masks
     active = x == MASK
-    full, rows = _Predictor(model, fast=False, full=True)(x, active)
-    none, fast_rows = _Predictor(model, fast=True, full=False)(x, active)
+    full, rows = _Predictor(model, fast=False, masked_head=False)(x, active)
+    none, fast_rows = _Predictor(model, fast=True, masked_head=True)(x, active)
     assert none is None and fast_rows.shape == (int(active.sum()), 260)
     torch.testing.assert_close(fast_rows, rows, rtol=0, atol=1e-5)
     assert torch.equal(full[:, 1:], model(input_ids=x).logits[:, :-1])  # the right shift
@@ -192,7 +193,8 @@ def test_fast_with_hooks_equals_exact(model):
     ids = prompt()
     hook = lambda i, x, logits: logits.mul_(1.5)  # edits in place: must not leak into the reused logits
     kw = dict(max_new_tokens=8, steps=20, alg="topk_margin", logits_hook=hook)
-    assert torch.equal(diffusion_generate(model, ids, **kw), diffusion_generate(model, ids, fast=True, **kw))
+    exact = diffusion_generate(model, ids, **kw)
+    assert torch.equal(exact, diffusion_generate(model, ids, fast=True, masked_head=True, **kw))
 
 
 def test_origin_sampling_is_reproducible_and_fills_everything(model):

@@ -35,20 +35,21 @@ model that commits the mask id itself) a row may be asked for more positions tha
 top-k picks (-inf confidence) write the mask id back over a prompt or committed token; nothing forbids
 committing the mask id, so a mask can survive the last step.
 
-`fast=True` is a speedup with the same outputs, from two shortcuts:
-  (a) when x is unchanged since the last forward (a step that committed nothing: k = 0, about every other step
-      when steps = 2 · max_new_tokens), the previous logits are reused: the forward is a deterministic function
-      of x. Bitwise exact (as deterministic as the forward itself), and the random draws are unaffected since
-      a forward in eval mode draws none.
-  (b) the sampler only reads the logits of masked positions, lm_head(hidden[j - 1]) for each masked j, so the
-      head runs on those rows of `model.get_decoder()(x).last_hidden_state` only (about n_mask / L of its
-      cost; the head is a fifth of a CoDA-1.7B forward). Exact in real arithmetic; in floating point a matmul
-      over fewer rows may round differently in the last bit (measured on CPU: float32 with fewer than ~16 rows,
-      ~1e-6; bf16 at some row counts; GPU libraries also choose kernels by shape), so tokens can differ only
-      where two confidences or two logits tie to within that rounding. It assumes `model(x).logits ==
-      lm_head(decoder(x))` (true for transformers' *ForCausalLM, so Qwen3 and CoDA; not for heads with logit
-      scaling or soft-capping), and is skipped when a hook is given (hooks get the full logits) or the model
-      has no separate decoder and head.
+Two speedups, both off by default:
+  fast=True         when x is unchanged since the last forward (a step that committed nothing: k = 0, about
+                    every other step when steps = 2 · max_new_tokens), the previous logits are reused: the forward
+                    is a deterministic function of x. Bitwise the same tokens as the reference (and the random
+                    draws are unaffected, since an eval-mode forward draws none). Free when steps <= new tokens.
+  masked_head=True  the sampler only reads the logits of masked positions, lm_head(hidden[j - 1]) for each masked
+                    j, so the head runs on those rows of `model.get_decoder()(x).last_hidden_state` only (about
+                    n_mask / L of its cost; the head is a fifth of a CoDA-1.7B forward, and its [B, L, V] logits
+                    the largest tensor of sampling). Exact in real arithmetic, but NOT bitwise: a matmul over fewer
+                    rows may round differently in the last bit (CPU BLAS splits the reduction differently for
+                    small row counts; bf16 and GPU libraries choose kernels by shape), so a token can differ where
+                    two confidences tie to within that rounding (measured: 1 token of 512 in benchmarks/sampler.py).
+                    It assumes `model(x).logits == lm_head(decoder(x))` (true for transformers' *ForCausalLM, so
+                    Qwen3 and CoDA; not for heads with logit scaling or soft-capping), and is skipped when a hook is
+                    given (hooks get the full logits) or the model has no separate decoder and head.
 
 `block_length` (NOT the reference algorithm: outputs differ) is semi-autoregressive decoding in the style of
 Fast-dLLM without its KV cache: the answer is split into blocks of `block_length` tokens decoded left to
@@ -121,13 +122,13 @@ def sample_tokens(
 
 
 class _Predictor:
-    """The right-shifted logits a step needs, with fast=True's shortcuts (a) reuse and (b) head rows only."""
+    """The right-shifted logits a step needs, with the shortcuts fast (reuse) and masked_head (head rows only)."""
 
-    def __init__(self, model, fast: bool, full: bool):
+    def __init__(self, model, fast: bool, masked_head: bool):
         self.model, self.fast = model, fast
         decoder = getattr(model, "get_decoder", lambda: None)()
         head = getattr(model, "get_output_embeddings", lambda: None)()
-        self.split = (decoder, head) if fast and not full and decoder is not None and head is not None else None
+        self.split = (decoder, head) if masked_head and decoder is not None and head is not None else None
         self.x: Tensor | None = None  # the input of the cached forward
         self.out: Tensor | None = None  # its shifted logits [B, L, V], or its hidden states when split
         self.active: Tensor | None = None  # the positions of the cached head rows (split only)
@@ -184,7 +185,8 @@ def diffusion_generate(
     temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, alg_temp: float | None = None,
     eps: float = 1e-3, mask_token_id: int | None = None, tokens_hook: TokensHook | None = None,
     logits_hook: LogitsHook | None = None, generator: torch.Generator | None = None, fast: bool = False,
-    return_history: bool = False, block_length: int | None = None, stop_at: int | None = None,
+    masked_head: bool = False, return_history: bool = False, block_length: int | None = None,
+    stop_at: int | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:  # fmt: skip
     """Prompt + generated tokens [B, P + max_new_tokens] (and the x after every step if return_history).
 
@@ -192,7 +194,8 @@ def diffusion_generate(
     defaults to max_new_tokens; mask_token_id to model.config.mask_token_id. tokens_hook(step, x, logits) -> x
     runs once before the loop (step and logits None) and after every step; logits_hook(step, x, logits) ->
     logits sees the shifted logits [B, L, V] before scoring. `generator` drives every random draw (the global
-    RNG when None). See the module docstring for the algorithms, `fast` and `block_length` / `stop_at`."""
+    RNG when None). See the module docstring for the algorithms, `fast`, `masked_head` and `block_length` /
+    `stop_at`."""
     steps = max_new_tokens if steps is None else steps
     _check(max_new_tokens, steps, alg, temperature, top_p, top_k, alg_temp, eps, block_length, stop_at)
     if input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -205,7 +208,8 @@ def diffusion_generate(
     x = torch.nn.functional.pad(input_ids, (0, max_new_tokens), value=mask_id)
     if tokens_hook is not None:
         x = tokens_hook(None, x, None)
-    predict = _Predictor(model, fast, full=tokens_hook is not None or logits_hook is not None)
+    hooked = tokens_hook is not None or logits_hook is not None
+    predict = _Predictor(model, fast, masked_head=masked_head and not hooked)
     n_blocks = 1 if block_length is None else max_new_tokens // block_length
     block_steps, size = steps // n_blocks, max_new_tokens // n_blocks
     history, i = [], 0
