@@ -60,27 +60,49 @@ class ModelConfig:
 
 @dataclass
 class QuantConfig:
-    """Weight quantization settings (the `quant` section of a recipe); see qat/quant.py for the math."""
+    """Weight quantization settings (the `quant` section of a recipe); see qat/quant.py for the math and
+    qat/ptq/ for the PTQ initialisations (gptq, awq, mixed precision, calibration)."""
 
-    bits: int = 4  # 2 | 3 | 4 | 8; 16 = no quantization (the float baseline)
+    # 2 | 3 | 4 | 8; 16 = no quantization (the float baseline); a non-integer (3.5) = mixed precision: per-layer
+    # bits from `mixed_choices`, allocated by Hessian sensitivity to meet that average (qat/ptq/mixed.py)
+    bits: float = 4
     group_size: int = 128  # weights per scale along the input dimension; -1 = one scale per output channel
     symmetric: bool = True  # signed grid, zero point 0; False = unsigned grid with an integer zero point
-    init: str = "rtn"  # how the quantizer state starts: rtn (gptq, awq: PTQ baselines, issue 4)
+    init: str = "rtn"  # where the quantizer state starts: rtn | gptq | awq (the PTQ solution; QAT continues from it)
     mse: bool = False  # at init, search a clipping ratio per group that minimises the squared error
     scales: str = "static"  # static: fixed at init | dynamic: re-derived from w every forward | lsq: learned
     skip: list[str] = field(default_factory=lambda: ["lm_head", "*embed*"])  # fnmatch patterns on module names
+    mixed_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])  # bits a layer may get (mixed)
+    # calibration (gptq, awq, mixed precision): equal-length packed windows, streamed one decoder layer at a time
+    calib_data: str = ""  # a data.path (file, directory, stdlib, hub id); "" = the recipe's training data
+    calib_field: str = ""  # its text column; "" = data.text_field
+    calib_samples: int = 128  # windows
+    calib_seq_len: int = 512  # tokens per window
+    calib_batch: int = 8  # windows per forward
+    calib_mask: str = "auto"  # auto: diffusion models see noised windows (as in training), AR models clean | none
+    calib_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # mask ratios, cycled
+    calib_prefix: float = 0.0  # probability that a noised window keeps a random clean prefix (CoDA's S1)
+    gptq_damp: float = 0.01  # relative dampening: H += damp · mean(diag H) · I (raised automatically on failure)
+    gptq_block: int = 128  # columns per lazy-update block
+    act_order: bool = True  # process columns by descending Hessian diagonal (static groups: layout unchanged)
+    awq_clip: bool = True  # AWQ: also search a per-group clipping range
 
     def __post_init__(self) -> None:
-        _check(self.bits in (2, 3, 4, 8, 16), f"quant.bits must be one of 2, 3, 4, 8, 16, got {self.bits}")
+        if float(self.bits).is_integer():
+            self.bits = int(self.bits)
+            _check(self.bits in (2, 3, 4, 8, 16), f"quant.bits must be one of 2, 3, 4, 8, 16, got {self.bits}")
+        else:
+            lo, hi = min(self.mixed_choices, default=0), max(self.mixed_choices, default=0)
+            _check(
+                set(self.mixed_choices) <= {2, 3, 4, 8} and lo <= self.bits <= hi,
+                f"quant.bits={self.bits} (mixed precision) must lie within quant.mixed_choices={self.mixed_choices}"
+                " (a subset of 2, 3, 4, 8)",
+            )
         _check(
             self.group_size == -1 or self.group_size > 0,
             f"quant.group_size must be -1 or > 0, got {self.group_size}",
         )
         _check(self.init in ("rtn", "gptq", "awq"), f"quant.init must be rtn, gptq or awq, got {self.init!r}")
-        _check(
-            self.init == "rtn",
-            f"quant.init={self.init} is not implemented yet (PTQ baselines); use quant.init=rtn",
-        )
         _check(
             self.scales in ("static", "dynamic", "lsq"),
             f"quant.scales must be static, dynamic or lsq, got {self.scales!r}",
@@ -89,10 +111,32 @@ class QuantConfig:
             not (self.mse and self.scales == "dynamic"),
             "quant.mse needs static or lsq scales (dynamic re-derives them)",
         )
+        _check(
+            not (self.init != "rtn" and self.scales == "dynamic"),
+            f"quant.init={self.init} needs static or lsq scales: dynamic scales would discard the PTQ solution",
+        )
+        _check(self.calib_mask in ("auto", "none"), f"quant.calib_mask must be auto or none, got {self.calib_mask!r}")
+        _check(
+            all(0 < r <= 1 for r in self.calib_ratios), f"quant.calib_ratios must be in (0, 1], got {self.calib_ratios}"
+        )
+        for k in ("calib_samples", "calib_seq_len", "calib_batch", "gptq_block"):
+            _check(getattr(self, k) >= 1, f"quant.{k} must be >= 1, got {getattr(self, k)}")
+        _check(0 <= self.calib_prefix <= 1, f"quant.calib_prefix must be in [0, 1], got {self.calib_prefix}")
+        _check(self.gptq_damp > 0, f"quant.gptq_damp must be > 0, got {self.gptq_damp}")
 
     @property
     def enabled(self) -> bool:
         return self.bits < 16
+
+    @property
+    def mixed(self) -> bool:
+        """Mixed precision: a non-integer average-bits budget."""
+        return not float(self.bits).is_integer()
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether initialisation needs calibration data (anything but uniform RTN)."""
+        return self.enabled and (self.init != "rtn" or self.mixed)
 
 
 @dataclass
@@ -180,6 +224,14 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        q, t = self.quant, self.train
+        _check(
+            not (q.init == "gptq" and q.enabled and t.kd > 0 and t.kd_teacher == "self"),
+            "quant.init=gptq rewrites the weights onto the grid, so the 'self' teacher (fake quant off) would be "
+            "the quantized model: use train.kd_teacher=frozen",
+        )
 
 
 def _recipe_file(name: str) -> Path:

@@ -101,8 +101,10 @@ def diffusion_example(
     block_prob: float = 0.0,
     block_sizes: tuple[int, ...] | list[int] = (),
     generator: torch.Generator | None = None,
+    sigma: Tensor | None = None,
 ) -> Example:
-    """CoDA's masked-diffusion noising of a batch of clean `ids` (see the module docstring)."""
+    """CoDA's masked-diffusion noising of a batch of clean `ids` (see the module docstring). `sigma` [B] fixes
+    the masking ratios instead of drawing them (diffusion-aware calibration uses a grid)."""
     B, L = ids.shape
     maskable = torch.ones_like(ids, dtype=torch.bool) if src_mask is None else ~src_mask.bool()
     if src_mask is None and (prefix_prob > 0 or truncate_prob > 0):
@@ -118,7 +120,7 @@ def diffusion_example(
             cut = _randint(1, L, B, ids, generator)
             ids = ids.masked_fill(trunc[:, None] & (positions >= cut[:, None]), pad_id)
             maskable &= ids != pad_id  # padding (added here or already there) is never masked
-    sigma = (1 - eps) * _rand((B,), ids, generator) + eps
+    sigma = (1 - eps) * _rand((B,), ids, generator) + eps if sigma is None else sigma.to(ids.device, torch.float32)
     k = 1
     if block_sizes and block_prob > 0 and _rand((1,), ids, generator).item() < block_prob:
         k = int(block_sizes[_randint(0, len(block_sizes), 1, ids, generator).item()])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from fnmatch import fnmatch
 
 import torch
@@ -42,19 +43,29 @@ def fake_quant_modules(model: nn.Module) -> Iterator[tuple[str, FakeQuantLinear]
     return ((n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear))
 
 
-def prepare(model: nn.Module, cfg: QuantConfig) -> nn.Module:
-    """Swap the selected linears for FakeQuantLinear (no-op when cfg.bits == 16)."""
+def module_config(cfg: QuantConfig, name: str, bits: dict[str, int] | None = None) -> QuantConfig:
+    """The settings of one module: `cfg` with that module's bits when a per-module allocation is given."""
+    if bits is not None and name in bits:
+        return replace(cfg, bits=bits[name])
+    if cfg.mixed:
+        raise ValueError(f"quant.bits={cfg.bits} (mixed precision) needs a per-module allocation; none for {name}")
+    return cfg
+
+
+def prepare(model: nn.Module, cfg: QuantConfig, bits: dict[str, int] | None = None) -> nn.Module:
+    """Swap the selected linears for FakeQuantLinear (no-op when cfg.bits == 16). `bits` overrides the bit
+    width per module name (mixed precision, see qat/ptq/mixed.py)."""
     if not cfg.enabled:
         return model
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     chosen = [(n, m) for n, m in linears if not skipped(n, list(cfg.skip))]
     for name, mod in chosen:
         try:
-            replace_module(model, name, FakeQuantLinear.from_linear(mod, cfg))
+            replace_module(model, name, FakeQuantLinear.from_linear(mod, module_config(cfg, name, bits)))
         except ValueError as e:  # group size vs in_features
             raise ValueError(f"cannot quantize {name}: {e}") from None
     log.info(
-        "prepare: swapped %d/%d linears to %d-bit fake quant (group %d)",
+        "prepare: swapped %d/%d linears to %s-bit fake quant (group %d)",
         len(chosen),
         len(linears),
         cfg.bits,

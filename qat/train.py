@@ -3,12 +3,13 @@
     accelerate launch qat/train.py recipe=NAME [a.b=value ...]      (any accelerate/DeepSpeed config)
     python qat/train.py recipe=NAME [a.b=value ...]                  (one process)
 
-Flow: load the base model → prepare (fake-quant linears, RTN-initialised) → train with straight-through
-gradients (optionally distilling from the float weights) → convert → `<out_dir>/final/` (packed artifact,
-loadable with `qat.models.load`). `train.steps=0` skips training: the same recipe yields the PTQ baseline,
-and `quant.bits=16` the float one.
+Flow: load the base model → PTQ initialisation (fake-quant linears holding the RTN, GPTQ, AWQ or mixed-precision
+solution of `quant.init` / `quant.bits`, qat/ptq/) → train with straight-through gradients (optionally distilling
+from the float weights) → convert → `<out_dir>/final/` (packed artifact, loadable with `qat.models.load`).
+`train.steps=0` skips training: the same recipe yields the PTQ baseline, and `quant.bits=16` the float one.
 
-Outputs under `out_dir`: `recipe.yaml` (resolved), `logs/` (TensorBoard), `checkpoints/step_N/`
+Outputs under `out_dir`: `recipe.yaml` (resolved), `ptq.json` (per-layer PTQ errors and bits, when calibrated),
+`logs/` (TensorBoard), `checkpoints/step_N/`
 (accelerate state: model, optimizer, RNG and step; written to a temporary name and renamed, so a
 crash never leaves a half checkpoint), `final/`. `train.resume=auto` continues from the newest checkpoint
 and reaches the same weights, bit for bit, as an uninterrupted run: the data order comes from a seeded
@@ -27,6 +28,7 @@ if __package__ in (None, ""):  # run as a file: make `qat` importable and keep q
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import copy
+import json
 import logging
 import math
 import os
@@ -34,7 +36,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from accelerate import Accelerator
@@ -53,6 +55,7 @@ from qat import data, objectives
 from qat.config import Recipe, RecipeError, exit_on_error, flatten, load_recipe, save_recipe
 from qat.export import save_artifact, size_report
 from qat.models import DTYPES, adapter, family_of
+from qat.ptq.pipeline import quantize_model
 from qat.swap import convert, prepare, quant_stats, set_fake_quant
 
 
@@ -200,13 +203,17 @@ def train(recipe: Recipe) -> Path:
     if recipe.train.kd > 0 and recipe.train.kd_teacher == "frozen":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
     with gathered(model):  # transformers partitions at load time under ZeRO-3: quantizers need the full weights
-        prepare(model, recipe.quant)
+        ptq = quantize_model(model, tokenizer, recipe, progress=accelerator.is_local_main_process)
+    if ptq.layers:
+        say(ptq.summary())
+        if accelerator.is_main_process:
+            (out / "ptq.json").write_text(json.dumps(asdict(ptq), indent=1) + "\n")
     say(f"model: {recipe.model.path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
 
     done = True
     if recipe.train.steps > 0:
         model, done = fit(recipe, accelerator, model, tokenizer, teacher)
-    final = finish(recipe, accelerator, model, tokenizer) if done else out / "final"
+    final = finish(recipe, accelerator, model, tokenizer, ptq.bits) if done else out / "final"
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # avoids a teardown abort under DeepSpeed
@@ -345,7 +352,7 @@ def gathered(model: torch.nn.Module):
     return nullcontext()
 
 
-def finish(recipe: Recipe, accelerator: Accelerator, model, tokenizer) -> Path:
+def finish(recipe: Recipe, accelerator: Accelerator, model, tokenizer, bits: dict[str, int] | None = None) -> Path:
     """Convert and save `<out_dir>/final/` (main process), report its size."""
     final = Path(recipe.out_dir) / "final"
     accelerator.wait_for_everyone()
@@ -360,7 +367,7 @@ def finish(recipe: Recipe, accelerator: Accelerator, model, tokenizer) -> Path:
                 model, _ = load_model(recipe)
             finally:
                 hf_ds._hf_deepspeed_config_weak_ref = keep
-            prepare(model, recipe.quant)
+            prepare(model, recipe.quant, bits)  # the shells; weights and quantizer state come from the state dict
             model.load_state_dict(state)
     else:
         model = accelerator.unwrap_model(model)
