@@ -202,7 +202,8 @@ def train(recipe: Recipe) -> Path:
     teacher = None
     if recipe.train.kd > 0 and recipe.train.kd_teacher == "frozen":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    with gathered(model):  # transformers partitions at load time under ZeRO-3: quantizers need the full weights
+    # transformers partitions at load time under ZeRO-3: PTQ needs the full weights, and GPTQ/AWQ rewrite them
+    with gathered(model, modify=recipe.quant.calibrated):
         ptq = quantize_model(model, tokenizer, recipe, progress=accelerator.is_local_main_process)
     if ptq.layers:
         say(ptq.summary())
@@ -343,12 +344,13 @@ def partitioned(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-def gathered(model: torch.nn.Module):
-    """Full parameters outside forward when ZeRO-3 has partitioned them (on every rank); a no-op otherwise."""
+def gathered(model: torch.nn.Module, modify: bool = False):
+    """Full parameters outside forward when ZeRO-3 has partitioned them (on every rank); a no-op otherwise.
+    modify=True keeps in-place changes to the parameters (rank 0's, which every rank computed identically)."""
     if partitioned(model):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0 if modify else None)
     return nullcontext()
 
 
@@ -356,8 +358,11 @@ def finish(recipe: Recipe, accelerator: Accelerator, model, tokenizer, bits: dic
     """Convert and save `<out_dir>/final/` (main process), report its size."""
     final = Path(recipe.out_dir) / "final"
     accelerator.wait_for_everyone()
-    if partitioned(model):  # ZeRO-3 shards: gather a full state dict into a fresh CPU model
-        state = accelerator.get_state_dict(model)
+    if partitioned(model):  # ZeRO-3 shards: gather a full state dict (collective) into a fresh CPU model
+        inner = accelerator.unwrap_model(model)  # also when never wrapped by an engine (train.steps=0)
+        with gathered(inner):
+            state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()} if (
+                accelerator.is_main_process) else {}  # fmt: skip
         if accelerator.is_main_process:
             from transformers.integrations import deepspeed as hf_ds
 

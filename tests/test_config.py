@@ -38,7 +38,9 @@ def test_layers_defaults_recipe_cli():
         (["recipe=nope"], "unknown recipe 'nope'"),
         (["train.steps"], "key=value"),
         (["quant.scales=learned"], "quant.scales"),
-        (["quant.init=gptq"], "not implemented yet"),
+        (["quant.init=gptq", "quant.scales=dynamic"], "discard the PTQ solution"),
+        (["quant.bits=3.5", "quant.mixed_choices=[3]"], "mixed precision"),
+        (["quant.calib_mask=always"], "calib_mask"),
         (["train.kd=2"], "train.kd must be in"),
     ],
 )

@@ -121,9 +121,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp: Path, *launch_args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def launch(tmp: Path, *launch_args: str, env: dict[str, str] | None = None, extra: tuple[str, ...] = ()
+           ) -> subprocess.CompletedProcess:  # fmt: skip
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--main_process_port", str(free_port()),
-           "qat/train.py", *TINY, "train.steps=3", f"out_dir={tmp}"]  # fmt: skip
+           "qat/train.py", *TINY, "train.steps=3", f"out_dir={tmp}", *extra]  # fmt: skip
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert (tmp / "final" / "model.safetensors").is_file()
@@ -191,6 +192,17 @@ def test_deepspeed_zero3_two_processes(tmp_path):
     assert "processes: 2" in p.stdout, p.stdout[-2000:]
     model, _ = load(tmp_path / "final")
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_gptq_ptq_equals_one_process(tmp_path):
+    """GPTQ rewrites weights that ZeRO-3 has partitioned: the changes must survive the gather, so the PTQ
+    artifact of a 2-rank ZeRO-3 run equals the single-process one, bit for bit."""
+    extra = ("train.steps=0", "quant.init=gptq", "quant.bits=3", "quant.calib_samples=4", "quant.calib_seq_len=64")
+    launch(tmp_path / "z3", "--config_file", "launch/zero3.yaml", "--num_processes", "2", extra=extra)
+    one = run(tmp_path / "one", "train.steps=3", *extra)
+    a, b = load_file(one / "model.safetensors"), load_file(tmp_path / "z3" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_delayed_fake_quant_and_frozen_teacher(tmp_path):

@@ -30,7 +30,6 @@ inputs. Linears outside the decoder layers that are not skipped (lm_head when un
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -149,6 +148,20 @@ def _awq(layer: nn.Module, linears: dict[str, nn.Linear], cfgs: dict[str, QuantC
     _swap_rtn(layer, linears, cfgs)
 
 
+def _rtn_outputs(layer: nn.Module, linears: dict[str, nn.Linear], cfgs: dict[str, QuantConfig],
+                 inputs: LayerInputs) -> list[Tensor]:  # fmt: skip
+    """The layer's outputs with its targets rounded to nearest: weights swapped in place and restored (no copy
+    of the layer, whose parameters may be ZeRO-3 partitions gathered for the duration)."""
+    saved = {n: m.weight.data for n, m in linears.items()}
+    try:
+        for n, m in linears.items():
+            m.weight.data = awq.rtn(saved[n].float(), cfgs[n]).to(saved[n].dtype)
+        return list(inputs.run(layer))
+    finally:
+        for n, m in linears.items():
+            m.weight.data = saved[n]
+
+
 def _contribution_error(outputs: list[Tensor], reference: list[Tensor], inputs: list[Tensor]) -> float:
     num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outputs, reference, strict=True))
     den = sum(float((r.float() - h.float()).pow(2).sum()) for r, h in zip(reference, inputs, strict=True))
@@ -170,10 +183,13 @@ def allocate_bits(model: nn.Module, ids: Tensor, q: QuantConfig, names: dict[int
     return mixed.allocate(sizes, costs, q.bits), sizes
 
 
-def quantize_model(model: nn.Module, tokenizer, recipe: Recipe, progress: bool = True) -> PTQResult:
-    """Prepare `model` for QAT from the recipe's PTQ initialisation (module docstring); in place."""
+def quantize_model(
+    model: nn.Module, tokenizer, recipe: Recipe, progress: bool = True, report: bool = False
+) -> PTQResult:
+    """Prepare `model` for QAT from the recipe's PTQ initialisation (module docstring); in place. `report`: run
+    the calibrated layer loop even for uniform RTN (same result, plus its per-layer errors)."""
     q = recipe.quant
-    if not q.calibrated:
+    if not q.enabled or not (q.calibrated or report):
         prepare(model, q)
         return PTQResult(q.init if q.enabled else "float", None, [], 0.0)
     t0 = time.perf_counter()
@@ -188,10 +204,7 @@ def quantize_model(model: nn.Module, tokenizer, recipe: Recipe, progress: bool =
         linears = _targets(layer, prefix, q)
         cfgs = {n: module_config(q, prefix + n, bits) for n in linears}
         reference = list(inputs.run(layer))
-        rtn = copy.deepcopy(layer)
-        _swap_rtn(rtn, _targets(rtn, prefix, q), cfgs)
-        rtn_error = _contribution_error(list(inputs.run(rtn)), reference, inputs.hidden)
-        del rtn
+        rtn_error = _contribution_error(_rtn_outputs(layer, linears, cfgs, inputs), reference, inputs.hidden)
         if q.init == "gptq":
             _gptq(layer, linears, cfgs, inputs, q)
         elif q.init == "awq":
