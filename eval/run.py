@@ -112,8 +112,11 @@ def _stop_ids(tok) -> list[int]:
     return [i for i in ids if isinstance(i, int) and i != tok.unk_token_id]
 
 
-def generate(model, tok, prompts: list[str], stops: list[str], cfg: EvalConfig) -> list[tuple[str, int]]:
-    """(completion, new tokens) per prompt: the family's generator, left padding, stop strings applied."""
+def generate(model, tok, prompts: list[str], stops: list[str], cfg: EvalConfig,
+             generator: torch.Generator | None = None) -> list[tuple[str, int]]:  # fmt: skip
+    """(completion, new tokens) per prompt: the family's generator, left padding, stop strings applied.
+    `generator` drives the diffusion sampler's draws (one stream for the whole run, so repeated samples of a
+    prompt differ); AR sampling uses the global RNG, seeded once per run."""
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -122,7 +125,7 @@ def generate(model, tok, prompts: list[str], stops: list[str], cfg: EvalConfig) 
     if getattr(model, "family", "qwen3") == "coda":
         from qat.models.sampler import diffusion_generate
 
-        gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
+        gen = generator or torch.Generator(device=model.device).manual_seed(cfg.seed)
         out = diffusion_generate(
             model, enc.input_ids, max_new_tokens=cfg.max_new_tokens, steps=cfg.steps or cfg.max_new_tokens,
             alg=cfg.alg, temperature=cfg.temperature, top_p=cfg.top_p if cfg.top_p < 1 else None,
@@ -218,6 +221,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     family = family_of(cfg.checkpoint)
     model, tok = load(cfg.checkpoint, dtype=cfg.dtype or None)
     torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     fmt = cfg.format if cfg.format != "auto" else ("instruct" if tok.chat_template else "completion")
     out = Path(cfg.out or Path(cfg.checkpoint) / "eval")
     records: list[dict] = []
@@ -234,7 +238,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             for i in range(0, len(prompts), cfg.batch_size):
                 chunk = prompts[i : i + cfg.batch_size]
                 t0 = time.perf_counter()
-                outs = generate(model, tok, [text for _, text in chunk], chunk[0][0].stops(fmt), cfg)
+                outs = generate(model, tok, [text for _, text in chunk], chunk[0][0].stops(fmt), cfg, gen)
                 dt = (time.perf_counter() - t0) / len(chunk)
                 for (p, text), (completion, n_new) in zip(chunk, outs, strict=True):
                     task_records.append({

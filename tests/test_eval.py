@@ -100,7 +100,7 @@ def test_run_scores_a_correct_completion_as_passed(tmp_path, data_paths, monkeyp
 
     problems = {p.task_id: p for p in tasks.load("humaneval", str(HUMANEVAL))[:3]}
 
-    def oracle(model, tok, prompts, stops, cfg):
+    def oracle(model, tok, prompts, stops, cfg, generator=None):
         out = []
         for text in prompts:
             p = next(p for p in problems.values() if p.prompt in text)
@@ -130,3 +130,13 @@ def test_ablate_end_to_end_both_families(tmp_path):
     assert (out / "pareto.png").stat().st_size > 1000
     again = main(args)  # every cell is skipped
     assert [json.loads(x) for x in (again / "results.jsonl").open()] == rows
+
+
+def test_repeated_diffusion_samples_differ(tmp_path, data_paths):
+    """n samples of one prompt, one per batch: the sampler's stream runs on, so the samples are not copies."""
+    from eval.run import main
+
+    main([f"checkpoint={ROOT / 'checkpoints/tiny-coda'}", *data_paths, "tasks=[humaneval]", "limit=1", "n=3",
+          "temperature=1.0", "batch_size=1", "max_new_tokens=8", f"out={tmp_path}"])  # fmt: skip
+    completions = [json.loads(x)["completion"] for x in (tmp_path / "samples.jsonl").open()]
+    assert len(completions) == 3 and len(set(completions)) > 1
