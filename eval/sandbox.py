@@ -271,7 +271,10 @@ class Sandbox:
         with self._lock:
             if not self._workers:
                 raise SandboxError("the sandbox is closed")
-            todo, idle, busy = deque(range(n)), list(self._workers), {}  # busy: worker -> (index, deadline)
+            # longest limit first: with limits scaled from reference runtimes, the slowest programs start at once
+            # instead of ending the batch alone (results keep the input order)
+            order = sorted(range(n), key=lambda i: -seconds[i])
+            todo, idle, busy = deque(order), list(self._workers), {}  # busy: worker -> (index, deadline)
 
             def finish(w: _Worker, outcome: Outcome, restart: bool) -> None:
                 i, _ = busy.pop(w)
