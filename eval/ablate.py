@@ -30,7 +30,6 @@ family and method).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -39,12 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from qat.config import RecipeError, exit_on_error, load_recipe  # noqa: E402
+from qat.config import RecipeError, exit_on_error, load_recipe, parse_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PTQ = ("rtn", "gptq", "awq")
@@ -95,7 +93,7 @@ def cells(cfg: AblateConfig) -> list[tuple[str, str, int, list[str]]]:
 def train_cell(recipe: str, out_dir: Path, overrides: list[str], log: Path) -> None:
     cmd = [sys.executable, str(ROOT / "qat" / "train.py"), f"recipe={recipe}", f"out_dir={out_dir}", *overrides]
     with log.open("w") as f:
-        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
+        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if p.returncode != 0:
         raise RuntimeError(f"training cell failed (exit {p.returncode}): {' '.join(cmd)}; see {log}")
 
@@ -239,14 +237,7 @@ def pareto(rows: list[dict], key: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     with exit_on_error(FileNotFoundError):
-        try:
-            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AblateConfig),
-                                                      OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)))
-        except RecipeError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any config error is a user error
-            cause = e.__cause__ if isinstance(e.__cause__, RecipeError) else e
-            raise RecipeError(str(cause).strip().splitlines()[0]) from None
+        cfg = parse_cli(AblateConfig, sys.argv[1:] if argv is None else argv)
         for name in cfg.recipes:
             load_recipe([f"recipe={name}", *cfg.set])  # fail early on a bad recipe or override
     out = run(cfg)

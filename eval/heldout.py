@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from qat import data, objectives  # noqa: E402
-from qat.config import DataConfig, RecipeError, exit_on_error  # noqa: E402
+from qat.config import DataConfig, RecipeError, exit_on_error, parse_cli  # noqa: E402
 
 
 @dataclass
@@ -81,11 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     from qat.models import family_of, load
 
     with exit_on_error(FileNotFoundError, OSError):
-        try:
-            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HeldoutConfig),
-                                                      OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)))
-        except Exception as e:  # noqa: BLE001 - any config error is a user error
-            raise RecipeError(str(e).strip().splitlines()[0]) from None
+        cfg = parse_cli(HeldoutConfig, sys.argv[1:] if argv is None else argv)
         if cfg.checkpoint == "???":
             raise RecipeError("checkpoint=DIR is required")
         if not Path(cfg.checkpoint).is_dir():

@@ -37,14 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from eval import sandbox, tasks  # noqa: E402
-from qat.config import RecipeError, exit_on_error  # noqa: E402
+from qat.config import RecipeError, exit_on_error, parse_cli  # noqa: E402
 
 
 @dataclass
@@ -258,14 +257,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     with exit_on_error(FileNotFoundError):
-        try:
-            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig),
-                                                      OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)))
-        except RecipeError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any config error is a user error
-            cause = e.__cause__ if isinstance(e.__cause__, RecipeError) else e
-            raise RecipeError(str(cause).strip().splitlines()[0]) from None
+        cfg = parse_cli(EvalConfig, sys.argv[1:] if argv is None else argv)
         if cfg.checkpoint and not Path(cfg.checkpoint).is_dir() and cfg.checkpoint.count("/") != 1:
             raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such directory")
     summary = evaluate(cfg)

@@ -275,6 +275,17 @@ def load_recipe(argv: Sequence[str] = ()) -> Recipe:
         raise RecipeError(_one_line(cause)) from None
 
 
+def parse_cli(schema: type, argv: Sequence[str]) -> Any:
+    """`key=value` arguments onto a dataclass schema (the eval entry points); any failure is a RecipeError."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(argv))))
+    except RecipeError:
+        raise
+    except (OmegaConfBaseException, ValueError, TypeError) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, RecipeError) else e
+        raise RecipeError(_one_line(cause)) from None
+
+
 def to_yaml(recipe: Recipe) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(recipe))
 

@@ -46,8 +46,7 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def init_from(self, weight: Tensor) -> None:
         """RTN initialisation (MSE-clipped when configured) from the weight."""
-        find = quant.mse_qparams if self.mse else quant.minmax_qparams
-        s, z = find(weight, self.bits, self.n_groups, self.symmetric)
+        s, z = quant.rtn_qparams(weight, self.bits, self.n_groups, self.symmetric, self.mse)
         self.scale.copy_(s)
         if z is not None:
             self.zero_point.copy_(z)

@@ -105,6 +105,14 @@ def mse_qparams(w: Tensor, bits: int, n_groups: int, symmetric: bool) -> tuple[T
     return best_s, best_z
 
 
+def rtn_qparams(
+    w: Tensor, bits: int, n_groups: int, symmetric: bool, mse: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The RTN initialisation every path uses (prepare, GPTQ's static groups, AWQ's trials): min/max, or
+    MSE-clipped when `mse`."""
+    return (mse_qparams if mse else minmax_qparams)(w, bits, n_groups, symmetric)
+
+
 def _expand(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.unsqueeze(-1)
 

@@ -105,8 +105,7 @@ def rtn(w: Tensor, cfg: QuantConfig, bits: int | None = None) -> Tensor:
     """Round-to-nearest ŵ (float32) as `prepare` initialises it: per-group min/max (or MSE-clipped) qparams."""
     b = cfg.bits if bits is None else bits
     n_groups = quant.group_count(w.shape[1], cfg.group_size)
-    find = quant.mse_qparams if cfg.mse else quant.minmax_qparams
-    s, z = find(w, b, n_groups, cfg.symmetric)
+    s, z = quant.rtn_qparams(w, b, n_groups, cfg.symmetric, cfg.mse)
     return quant.dequantize(quant.quantize(w, s, z, b, cfg.symmetric), s, z)
 
 

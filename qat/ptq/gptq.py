@@ -124,8 +124,7 @@ def gptq_solve(
     dev = weight.device
     n_groups = quant.group_count(in_f, quant_cfg.group_size)
     if scale is None:
-        find = quant.mse_qparams if quant_cfg.mse else quant.minmax_qparams
-        scale, zero = find(weight.detach(), bits, n_groups, sym)
+        scale, zero = quant.rtn_qparams(weight.detach(), bits, n_groups, sym, quant_cfg.mse)
     else:
         scale = scale.detach().to(dev, torch.float32).clone()
         zero = None if zero is None else torch.round(zero.detach().to(dev, torch.float32))
