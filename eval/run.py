@@ -158,7 +158,7 @@ def _load_problems(cfg: EvalConfig) -> dict[str, list]:
     return loaded
 
 
-def time_limits(problems: list, box: sandbox.Sandbox, fmt: str) -> dict[str, float]:
+def time_limits(problems: list, box: sandbox.Sandbox) -> dict[str, float]:
     """Per-problem time limit from the reference solution's runtime in this sandbox."""
     programs = [p.program(p.reference, "completion") for p in problems]
     outcomes = box.run_many(programs, timeouts=60.0)
@@ -230,7 +230,7 @@ def evaluate(cfg: EvalConfig) -> dict:
              "config": asdict(cfg)}  # fmt: skip
     with sandbox.Sandbox(workers=cfg.workers, memory_mb=cfg.memory_mb) as box:
         for task, problems in _load_problems(cfg).items():
-            limits = time_limits(problems, box, fmt)
+            limits = time_limits(problems, box)
             prompts = [(p, p.chat(tok) if fmt == "instruct" else p.prompt) for p in problems for _ in range(cfg.n)]
             bar = tqdm(total=len(prompts), desc=f"{task} generate", disable=None)
             task_records = []
