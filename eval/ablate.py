@@ -1,37 +1,45 @@
-"""The PTQ-vs-QAT grid: every (family, method, bits) cell trained by the one trainer, scored by the one evaluator.
+"""The PTQ-vs-QAT study: every (family, method, bits, seed) cell trained by the one trainer, scored by one evaluator.
 
-    python -m eval.ablate recipes=[tiny_qwen3_int4,tiny_coda_int4] bits=[8,4,3,2] methods=[rtn,gptq,qat]
-                          [metric=auto|passk|heldout] [out=ablations/NAME] [limit=0] [set=[train.steps=50,...]]
+    python -m eval.ablate recipes=[tiny_qwen3_int4,tiny_coda_int4] [bits=[8,4,3,2]]
+                          [methods=[rtn,gptq,awq,qat,qat-gptq]] [seeds=[0,1]] [seed_bits=[4,2]]
+                          [metric=auto|passk|heldout] [heldout_data=pkg:accelerate] [out=ablations/NAME]
+                          [set=[train.steps=50,...]] [limit=0]
 
-(`recipe=NAME` for one family.) Per recipe the cells are:
+(`recipe=NAME` for one family; a recipe's `quant.bits` is replaced by each width of `bits`.) Cells per recipe:
 
-    base        the unquantized model as loaded (`quant.bits=16 train.steps=0`)
-    ft          the unquantized model fine-tuned with exactly the QAT recipe (`quant.bits=16`): what training
-                alone gives, so QAT is not credited with it
-    rtn|gptq|awq   PTQ at each bit width (`quant.init=M train.steps=0`)
-    qat         QAT at each bit width, from the recipe's own init (`quant.init` of the recipe, usually rtn)
-    qat-gptq    QAT started from the GPTQ solution (`quant.init=gptq`, frozen teacher when distilling)
+    base           the unquantized model as loaded (`quant.bits=16 train.steps=0`)
+    ft             the unquantized model trained with the QAT recipe's data, steps, schedule and learning rate
+                   and plain cross-entropy (`quant.bits=16 train.kd=0`): what training alone gives, so QAT is not
+                   credited with it; one cell per seed
+    rtn|gptq|awq   PTQ at each width (`quant.init=M train.steps=0`)
+    qat            QAT at each width from the recipe's own init (usually rtn); every seed at `seed_bits`, seed 0
+                   elsewhere
+    qat-gptq       QAT from the GPTQ solution (`quant.init=gptq`, frozen teacher when distilling), seed 0
 
-Each cell is `python qat/train.py recipe=R out_dir=OUT/R/CELL ...` in a subprocess (a clean process per run, as
-a user would launch it), then the metric on `OUT/R/CELL/final`:
+Metrics per cell (`metric=heldout`, the tiny models' metric, which solve no HumanEval problem; `auto` picks it
+below 50M parameters): `validation`, the held-out loss (eval.heldout's definition: NLL per token, or masked-token
+NLL for diffusion) on the training source's validation split, and `heldout`, the same loss on a second corpus
+the training never saw (`heldout_data`, default the installed `accelerate` package's sources, named with its
+version in every result). `metric=passk` adds pass@1 per task (eval.run) instead of `heldout`.
 
-    heldout   `eval.heldout` loss on code the training never saw (default: the stdlib's email package); lower
-              is better. The metric for tiny models, which solve no HumanEval problem.
-    passk     `eval.run` pass@1 per task (HumanEval, MBPP); higher is better.
-    auto      heldout below 50M parameters, passk otherwise.
+Recovery = (QAT − PTQ) / (FT − PTQ), per metric, where PTQ is the best PTQ method at that width *chosen on the
+validation split* and FT the mean of the ft seeds; 1 = QAT closes the whole gap PTQ leaves against the same
+training without quantization, 0 = no better than PTQ. The formula holds for either direction of a metric. With
+several seeds the report gives the mean and the range over QAT seeds; where FT is not better than the best PTQ
+(typically W8) recovery is undefined and shown as n/a.
 
-Resumable: a cell whose `final/` and `result.json` exist is skipped, so an interrupted grid continues where it
-stopped. Outputs in `out`: `results.jsonl` (one line per cell), `report.md` (family × method × bits → metric per
-task, change vs base, recovery = (QAT − PTQ)/(FT − PTQ) against the best PTQ method at that width, bytes of
-the weights file, latency of one forward of a 1×128 batch), and `pareto.png` (metric vs bytes, a line per
-family and method).
+Cells run in this process, one after another (`qat.train.main`, the trainer's own entry point; its output goes
+to `<cell>/train.log`), so the interpreter, the libraries and the tokenized data (memoized by qat.data) are paid
+for once, not per cell. Resumable: a cell whose `result.json` and `final/` exist is skipped. Outputs in `out`:
+`results.jsonl` (one line per cell), `report.md` (the table, with the corpus, metric, direction and recovery
+definition) and `pareto.png` (held-out metric vs weights-file size, one panel per family).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,10 +50,12 @@ import torch
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from qat.config import RecipeError, exit_on_error, load_recipe, parse_cli  # noqa: E402
+from qat.config import DataConfig, RecipeError, exit_on_error, load_recipe, parse_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PTQ = ("rtn", "gptq", "awq")
+QAT = ("qat", "qat-gptq")
+HELDOUT_DEFAULT = "pkg:accelerate"  # third-party code every install of this toolkit has, at its pinned version
 
 
 @dataclass
@@ -53,13 +63,15 @@ class AblateConfig:
     recipe: str = ""
     recipes: list[str] = field(default_factory=list)
     bits: list[int] = field(default_factory=lambda: [8, 4, 3, 2])
-    methods: list[str] = field(default_factory=lambda: ["rtn", "gptq", "qat"])
+    methods: list[str] = field(default_factory=lambda: ["rtn", "gptq", "awq", "qat", "qat-gptq"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # ft and qat seeds (train.seed)
+    seed_bits: list[int] = field(default_factory=lambda: [4, 2])  # widths where qat runs every seed
     metric: str = "auto"  # auto | passk | heldout
     out: str = ""
     limit: int = 0  # passk: first N problems per task
     tasks: list[str] = field(default_factory=lambda: ["humaneval", "mbpp"])
-    heldout_data: str = ""  # heldout: "" = the stdlib's email package
-    heldout_rows: int = 64
+    heldout_data: str = HELDOUT_DEFAULT  # any data.path: pkg:NAME, a directory, a jsonl file
+    heldout_rows: int = 128  # windows scored (validation and held-out)
     heldout_seq_len: int = 256
     set: list[str] = field(default_factory=list)  # extra recipe overrides for every cell
 
@@ -68,34 +80,53 @@ class AblateConfig:
             self.recipes = [self.recipe, *self.recipes]
         if not self.recipes:
             raise RecipeError("give recipe=NAME or recipes=[A,B]")
-        bad = [m for m in self.methods if m not in (*PTQ, "qat", "qat-gptq")]
+        bad = [m for m in self.methods if m not in (*PTQ, *QAT)]
         if bad:
             raise RecipeError(f"unknown methods {bad}: use rtn, gptq, awq, qat, qat-gptq")
         if self.metric not in ("auto", "passk", "heldout"):
             raise RecipeError(f"metric must be auto, passk or heldout, got {self.metric!r}")
+        if not self.seeds:
+            raise RecipeError("seeds must name at least one seed")
 
 
-def cells(cfg: AblateConfig) -> list[tuple[str, str, int, list[str]]]:
-    """(cell name, method, bits, recipe overrides) in run order."""
-    out = [("base", "base", 16, ["quant.bits=16", "train.steps=0"]), ("ft", "ft", 16, ["quant.bits=16"])]
+@dataclass
+class Cell:
+    name: str
+    method: str
+    bits: int
+    seed: int
+    overrides: list[str]
+
+
+def cells(cfg: AblateConfig) -> list[Cell]:
+    """The grid of one recipe, in run order."""
+    out = [Cell("base", "base", 16, cfg.seeds[0], ["quant.bits=16", "train.steps=0"])]
+    out += [Cell(f"ft-s{s}", "ft", 16, s, ["quant.bits=16", "train.kd=0", f"train.seed={s}"]) for s in cfg.seeds]
     for b in cfg.bits:
         for m in cfg.methods:
             if m in PTQ:
-                over = [f"quant.bits={b}", f"quant.init={m}", "train.steps=0"]
-            elif m == "qat":
-                over = [f"quant.bits={b}"]
-            else:
-                over = [f"quant.bits={b}", "quant.init=gptq", "train.kd_teacher=frozen"]
-            out.append((f"{m}-w{b}", m, b, over))
+                out.append(Cell(f"{m}-w{b}", m, b, cfg.seeds[0], [f"quant.bits={b}", f"quant.init={m}",
+                                                                   "train.steps=0"]))  # fmt: skip
+                continue
+            over = [f"quant.bits={b}"] + (["quant.init=gptq", "train.kd_teacher=frozen"] if m == "qat-gptq" else [])
+            seeds = cfg.seeds if m == "qat" and b in cfg.seed_bits else cfg.seeds[:1]
+            out += [Cell(f"{m}-w{b}-s{s}", m, b, s, [*over, f"train.seed={s}"]) for s in seeds]
     return out
 
 
 def train_cell(recipe: str, out_dir: Path, overrides: list[str], log: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "qat" / "train.py"), f"recipe={recipe}", f"out_dir={out_dir}", *overrides]
-    with log.open("w") as f:
-        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode != 0:
-        raise RuntimeError(f"training cell failed (exit {p.returncode}): {' '.join(cmd)}; see {log}")
+    """One trainer run in this process (qat.train.main), its output in `log`."""
+    from qat import train
+
+    argv = [f"recipe={recipe}", f"out_dir={out_dir}", *overrides]
+    with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            train.main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    if code:
+        raise RuntimeError(f"training cell failed (exit {code}): qat/train.py {' '.join(argv)}; see {log}")
 
 
 @torch.no_grad()
@@ -110,24 +141,38 @@ def latency_ms(model, vocab: int, tokens: int = 128, repeats: int = 3) -> float:
     return 1000 * statistics.median(times)
 
 
-def measure(final: Path, metric: str, cfg: AblateConfig) -> dict:
-    """{task: value} (+ bytes, latency) for one artifact."""
-    from qat.models import load
+def windows(source: DataConfig, tok, cfg: AblateConfig) -> torch.Tensor:
+    from qat import data
+
+    rows = data.pack(data.load_documents(source), tok, cfg.heldout_seq_len)
+    if len(rows) == 0:
+        raise RecipeError(f"{data.describe(source)} gives no window of {cfg.heldout_seq_len} tokens")
+    return data.spread(rows, cfg.heldout_rows)
+
+
+def corpora(recipe, cfg: AblateConfig) -> dict[str, DataConfig]:
+    """{metric name: data source}: the recipe's validation split, and the held-out corpus."""
+    from qat import data
+
+    return {"validation": data.eval_source(recipe.data),
+            "heldout": DataConfig(path=cfg.heldout_data, split="all")}  # fmt: skip
+
+
+def measure(final: Path, metric: str, sources: dict[str, DataConfig], cfg: AblateConfig) -> dict:
+    """{metric: value} (+ bytes, latency) for one artifact."""
+    from qat.models import family_of, load
+    from qat.objectives import HELDOUT_RATIOS, heldout_loss
 
     model, tok = load(final)
+    family = family_of(str(final))
     result = {"bytes": (final / "model.safetensors").stat().st_size,
               "latency_ms": latency_ms(model, model.config.vocab_size)}  # fmt: skip
-    if metric == "heldout":
-        from eval.heldout import heldout_loss
-        from qat import data
-        from qat.config import DataConfig
-        from qat.models import family_of
-
-        path = cfg.heldout_data or str(data.stdlib_dir() / "email")
-        rows = data.pack(data.load_documents(DataConfig(path=path)), tok, cfg.heldout_seq_len)
-        ids = torch.stack([rows[i]["input_ids"] for i in range(min(cfg.heldout_rows, len(rows)))])
-        result["heldout"] = heldout_loss(model, ids, family_of(str(final)), [0.1, 0.3, 0.5, 0.7, 0.9])["loss"]
-    else:
+    for name, source in sources.items():
+        if name == "heldout" and metric == "passk":
+            continue
+        ids = windows(source, tok, cfg)
+        result[name] = heldout_loss(model, ids, family, list(HELDOUT_RATIOS))["loss"]
+    if metric == "passk":
         from eval.run import EvalConfig, evaluate
 
         summary = evaluate(EvalConfig(checkpoint=str(final), tasks=list(cfg.tasks), limit=cfg.limit,
@@ -137,31 +182,37 @@ def measure(final: Path, metric: str, cfg: AblateConfig) -> dict:
 
 
 def run(cfg: AblateConfig) -> Path:
+    from qat import data
+
     out = Path(cfg.out or ROOT / "ablations" / "_".join(cfg.recipes))
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    grid = cells(cfg)
     for recipe_name in cfg.recipes:
         recipe = load_recipe([f"recipe={recipe_name}", *cfg.set])
         family = recipe.model.family
+        sources = corpora(recipe, cfg)
+        names = {k: data.describe(v) for k, v in sources.items()}
         metric = cfg.metric
-        for name, method, bits, over in cells(cfg):
-            cell = out / recipe_name / name
+        for i, c in enumerate(grid):
+            cell = out / recipe_name / c.name
             done = cell / "result.json"
             if done.is_file() and (cell / "final" / "quantization.json").is_file():
                 rows.append(json.loads(done.read_text()))
-                print(f"{recipe_name}/{name}: done earlier")
+                print(f"[{i + 1}/{len(grid)}] {recipe_name}/{c.name}: done earlier", flush=True)
                 continue
             cell.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            train_cell(recipe_name, cell, [*cfg.set, *over], cell / "train.log")
+            train_cell(recipe_name, cell, [*cfg.set, *c.overrides], cell / "train.log")
             if metric == "auto":  # decided on the first (unquantized) cell
                 metric = "heldout" if parameters(cell / "final") < 50e6 else "passk"
-            row = {"recipe": recipe_name, "family": family, "cell": name, "method": method, "bits": bits,
-                   "metric": metric, **measure(cell / "final", metric, cfg),
-                   "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            row = {"recipe": recipe_name, "family": family, "cell": c.name, "method": c.method, "bits": c.bits,
+                   "seed": c.seed, "metric": metric, "corpora": names,
+                   **measure(cell / "final", metric, sources, cfg), "seconds": round(time.perf_counter() - t0, 1)}
             done.write_text(json.dumps(row) + "\n")
             rows.append(row)
-            print(f"{recipe_name}/{name}: {row}")
+            shown = {k: round(v, 4) for k, v in row.items() if k in metric_keys([row])}
+            print(f"[{i + 1}/{len(grid)}] {recipe_name}/{c.name}: {shown} ({row['seconds']} s)", flush=True)
     with (out / "results.jsonl").open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -176,60 +227,158 @@ def parameters(final: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _keys(rows: list[dict]) -> list[str]:
-    skip = {"recipe", "family", "cell", "method", "bits", "metric", "bytes", "latency_ms", "seconds"}
-    return list(dict.fromkeys(k for r in rows for k in r if k not in skip))
+# -------------------------------------------------------------------------------------------------- the report
+
+NOT_METRICS = {"recipe", "family", "cell", "method", "bits", "seed", "metric", "corpora", "bytes", "latency_ms",
+               "seconds"}  # fmt: skip
 
 
-def report(rows: list[dict], out: Path) -> None:
-    """report.md and pareto.png from the cell rows."""
-    keys = _keys(rows)
-    lines = ["# PTQ vs QAT", "",
-             "| family | method | bits | " + " | ".join(keys) + " | Δ vs base | recovery | MiB | ms/forward |",
-             "|---|---|---:|" + "---:|" * len(keys) + "---:|---:|---:|---:|"]  # fmt: skip
+def metric_keys(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r if k not in NOT_METRICS))
+
+
+def lower_is_better(key: str) -> bool:
+    """Losses (validation, heldout) go down; pass rates go up."""
+    return key in ("validation", "heldout")
+
+
+def recovery(qat: float, ptq: float, ft: float) -> float | None:
+    """(QAT − PTQ) / (FT − PTQ): the share of the gap between the best PTQ and the unquantized fine-tune that
+    QAT closes (either metric direction). None when FT is not better than PTQ (no gap to recover)."""
+    gap = ft - ptq
+    return None if gap == 0 else (qat - ptq) / gap
+
+
+def _better(key: str, a: float, b: float) -> bool:
+    return a < b if lower_is_better(key) else a > b
+
+
+def best_ptq(fam: list[dict], bits: int) -> dict | None:
+    """The PTQ cell at `bits` with the best validation loss (falls back to the first metric without one)."""
+    ptq = [r for r in fam if r["method"] in PTQ and r["bits"] == bits]
+    if not ptq:
+        return None
+    key = "validation" if all("validation" in r for r in ptq) else metric_keys(ptq)[0]
+    return sorted(ptq, key=lambda r: r[key] if lower_is_better(key) else -r[key])[0]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per (family, method, bits): per metric the mean over seeds, its range, change vs base and, for
+    QAT methods, recovery against the best PTQ at that width (mean and range over QAT seeds vs mean FT)."""
+    keys = metric_keys(rows)
+    lines = []
     for family in dict.fromkeys(r["family"] for r in rows):
         fam = [r for r in rows if r["family"] == family]
         base = next((r for r in fam if r["method"] == "base"), None)
-        ft = next((r for r in fam if r["method"] == "ft"), None)
-        lower_better = fam[0]["metric"] == "heldout"
-        for r in fam:
-            k0 = keys[0]
-            delta = "" if base is None or r is base else f"{r[k0] - base[k0]:+.4f}"
-            recovery = ""
-            if r["method"].startswith("qat") and ft is not None:
-                ptq = [p for p in fam if p["method"] in PTQ and p["bits"] == r["bits"]]
-                if ptq:
-                    best = (min if lower_better else max)(ptq, key=lambda p: p[k0])
-                    den = ft[k0] - best[k0]
-                    recovery = f"{(r[k0] - best[k0]) / den:.2f} (vs {best['method']})" if den else "n/a"
-            vals = " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
-            lines.append(f"| {family} | {r['method']} | {r['bits']} | {vals} | {delta} | {recovery} | "
-                         f"{r['bytes'] / 2**20:.2f} | {r['latency_ms']:.1f} |")  # fmt: skip
-    metric = rows[0]["metric"] if rows else ""
-    lines += ["", f"Metric: {metric} ({'lower' if metric == 'heldout' else 'higher'} is better). Recovery = (QAT − PTQ)"
-              " / (FT − PTQ) with the best PTQ method at the same bits; FT = the unquantized model trained with the"
-              " same recipe. Δ vs base: metric change against the unquantized base model.", ""]  # fmt: skip
-    (out / "report.md").write_text("\n".join(lines))
-    pareto(rows, keys[0] if keys else "", out / "pareto.png")
+        ft = [r for r in fam if r["method"] == "ft"]
+        for method, bits in dict.fromkeys((r["method"], r["bits"]) for r in fam):
+            group = [r for r in fam if r["method"] == method and r["bits"] == bits]
+            line = {"family": family, "method": method, "bits": bits, "n": len(group),
+                    "mib": group[0]["bytes"] / 2**20, "latency_ms": statistics.median(r["latency_ms"] for r in group),
+                    "metrics": {}}  # fmt: skip
+            best = best_ptq(fam, bits) if method in QAT else None
+            line["vs"] = best["method"] if best else None
+            for k in keys:
+                vals = [r[k] for r in group if k in r]
+                if not vals:
+                    continue
+                m = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
+                if base is not None and k in base and method != "base":
+                    m["delta"] = m["mean"] - base[k]
+                if best is not None and ft and k in best:
+                    ft_mean = statistics.fmean(r[k] for r in ft)
+                    if _better(k, ft_mean, best[k]):
+                        recs = [recovery(v, best[k], ft_mean) for v in vals]
+                        m["recovery"] = {"mean": statistics.fmean(recs), "min": min(recs), "max": max(recs)}
+                    else:
+                        m["recovery"] = None
+                line["metrics"][k] = m
+            lines.append(line)
+    return lines
 
 
-def pareto(rows: list[dict], key: str, path: Path) -> None:
+def _cell(m: dict | None, digits: int = 4) -> str:
+    if m is None:
+        return ""
+    s = f"{m['mean']:.{digits}f}"
+    return s + (f" ±{(m['max'] - m['min']) / 2:.{digits}f}" if m["max"] > m["min"] else "")
+
+
+def _recovery(m: dict) -> str:
+    if "recovery" not in m:
+        return ""
+    r = m["recovery"]
+    if r is None:
+        return "n/a"
+    spread = f" [{r['min']:.0%}, {r['max']:.0%}]" if r["max"] > r["min"] else ""
+    return f"{r['mean']:.0%}{spread}"
+
+
+def report(rows: list[dict], out: Path) -> str:
+    """report.md and pareto.png from the cell rows; returns the markdown."""
+    keys = metric_keys(rows)
+    lines = summarize(rows)
+    corp = rows[0].get("corpora", {}) if rows else {}
+    head = "| family | method | bits | n | " + " | ".join(f"{k} | Δ {k} | rec. {k}" for k in keys)
+    md = ["# PTQ vs QAT", "", head + " | MiB | ms/forward | best PTQ |",
+          "|---|---|---:|---:|" + "---:|---:|---:|" * len(keys) + "---:|---:|---|"]
+    for ln in lines:
+        cols = []
+        for k in keys:
+            m = ln["metrics"].get(k)
+            cols += [_cell(m), "" if m is None or "delta" not in m else f"{m['delta']:+.4f}",
+                     "" if m is None else _recovery(m)]  # fmt: skip
+        md.append(f"| {ln['family']} | {ln['method']} | {ln['bits']} | {ln['n']} | " + " | ".join(cols)
+                  + f" | {ln['mib']:.2f} | {ln['latency_ms']:.1f} | {ln['vs'] or ''} |")  # fmt: skip
+    md += ["", "Metrics (lower is better for losses, higher for pass rates):"]
+    for k in keys:
+        what = {"validation": "held-out loss on the training source's validation split",
+                "heldout": "held-out loss on a corpus the training never saw"}.get(k, "pass@1 (greedy)")  # fmt: skip
+        unit = " (nats per token; masked-token NLL averaged over mask ratios 0.1–0.9 for diffusion)" if (
+            lower_is_better(k)) else ""  # fmt: skip
+        md.append(f"- `{k}`: {what}{unit}" + (f" — {corp[k]}" if k in corp else ""))
+    md += ["", "Values are means over seeds (± half the range when n > 1). Recovery = (QAT − PTQ) / (FT − PTQ) per "
+           "metric, PTQ = the best PTQ method at that width chosen on the validation split (column *best PTQ*), "
+           "FT = the mean of the unquantized fine-tunes (same data, steps, schedule and learning rate, plain "
+           "cross-entropy); [min, max] over QAT seeds; n/a where FT is not better than PTQ. Δ = change against the "
+           "unquantized base. Losses compare checkpoints within a family, not across families.", ""]
+    text = "\n".join(md)
+    (out / "report.md").write_text(text)
+    pareto(rows, "heldout" if "heldout" in keys else (keys[-1] if keys else ""), corp, out / "pareto.png")
+    return text
+
+
+def pareto(rows: list[dict], key: str, corp: dict, path: Path) -> None:
+    """Metric vs weights-file size, one panel per family; base and ft as horizontal references."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for family in dict.fromkeys(r["family"] for r in rows):
-        for method in dict.fromkeys(r["method"] for r in rows if r["family"] == family):
-            pts = sorted((r["bytes"] / 2**20, r[key]) for r in rows if r["family"] == family and r["method"] == method)
-            style = "o-" if len(pts) > 1 else "s"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{family} {method}")
-    ax.set_xlabel("weights file (MiB)")
-    ax.set_ylabel(key)
-    ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    fig, axes = plt.subplots(1, max(1, len(families)), figsize=(6 * max(1, len(families)), 4.5), squeeze=False)
+    lines = summarize(rows)
+    for ax, family in zip(axes[0], families, strict=False):
+        for method in dict.fromkeys(ln["method"] for ln in lines if ln["family"] == family):
+            pts = sorted((ln["mib"], ln["metrics"][key]["mean"], ln["bits"]) for ln in lines
+                         if ln["family"] == family and ln["method"] == method and key in ln["metrics"])  # fmt: skip
+            if method in ("base", "ft"):
+                for _, y, _ in pts:
+                    ax.axhline(y, ls="--" if method == "base" else ":", color="gray", lw=1)
+                    ax.annotate(method, (ax.get_xlim()[0], y), fontsize=7, color="gray", va="bottom")
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method, ms=4)
+            for x, y, b in pts:
+                ax.annotate(f"W{b}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        better = "lower" if lower_is_better(key) else "higher"
+        unit = "nats/token" if lower_is_better(key) else "pass@1"
+        ax.set_title(f"{family}: {key} ({unit}, {better} is better)", fontsize=9)
+        ax.set_xlabel("weights file (MiB)")
+        ax.set_ylabel(f"{key} loss ({unit})" if lower_is_better(key) else key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if key in corp:
+        fig.suptitle(f"PTQ vs QAT — {key}: {corp[key]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -240,6 +389,10 @@ def main(argv: list[str] | None = None) -> Path:
         cfg = parse_cli(AblateConfig, sys.argv[1:] if argv is None else argv)
         for name in cfg.recipes:
             load_recipe([f"recipe={name}", *cfg.set])  # fail early on a bad recipe or override
+        from qat import data
+
+        if data.source_dir(cfg.heldout_data) is None and not Path(cfg.heldout_data).is_file():
+            raise RecipeError(f"heldout_data={cfg.heldout_data}: not a directory, package (pkg:NAME) or file")
     out = run(cfg)
     print(f"report: {out / 'report.md'}  plot: {out / 'pareto.png'}")
     return out

@@ -4,7 +4,8 @@
                            [ratios=[0.1,0.3,0.5,0.7,0.9]] [seed=0] [out=FILE.json]
 
 Data: any `data.path` the trainer accepts (a directory of source files, a jsonl/parquet file, `stdlib`), packed
-into windows of `seq_len` tokens exactly as for training; the first `max_rows` windows are scored (deterministic).
+into windows of `seq_len` tokens exactly as for training; `max_rows` windows evenly spaced over the whole corpus are
+scored (deterministic; `data.spread`).
 
     AR (qwen3)        mean next-token negative log-likelihood over every target token
     diffusion (coda)  masked-token NLL: for each mask ratio r of a fixed grid, every window is noised with ratio
@@ -18,19 +19,16 @@ The last line of stdout is a JSON object with at least `loss` and `tokens` (toke
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from qat import data, objectives  # noqa: E402
+from qat import data  # noqa: E402
 from qat.config import DataConfig, RecipeError, exit_on_error, parse_cli  # noqa: E402
+from qat.objectives import HELDOUT_RATIOS, heldout_loss  # noqa: E402,F401  (heldout_loss: re-exported)
 
 
 @dataclass
@@ -43,37 +41,9 @@ class HeldoutConfig:
     max_docs: int = 0
     max_rows: int = 64
     batch_size: int = 8
-    ratios: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    ratios: list[float] = field(default_factory=lambda: list(HELDOUT_RATIOS))
     seed: int = 0
     out: str = ""
-
-
-@torch.no_grad()
-def heldout_loss(model, ids: torch.Tensor, family: str, ratios: list[float], seed: int = 0, batch_size: int = 8
-                 ) -> dict[str, float]:  # fmt: skip
-    """{"loss", "tokens", and per-ratio losses for diffusion} of `model` on windows `ids` [N, L]."""
-    device = next(model.parameters()).device
-    total, count, per_ratio = 0.0, 0, {}
-    grid = ratios if family == "coda" else [None]
-    for r in grid:
-        r_total, r_count = 0.0, 0
-        gen = torch.Generator(device=device).manual_seed(seed)
-        for batch in ids.split(batch_size):
-            batch = batch.to(device)
-            if r is None:
-                ex = objectives.causal_example(batch)
-            else:
-                sigma = torch.full((len(batch),), r)
-                ex = objectives.diffusion_example(batch, model.config.mask_token_id, sigma=sigma, generator=gen)
-            sel = ex.weight > 0
-            logits = model(input_ids=ex.inputs).logits[:, :-1][sel].float()
-            r_total += float(F.cross_entropy(logits, ex.targets[sel], reduction="sum"))
-            r_count += int(sel.sum())
-        if r is not None:
-            per_ratio[f"loss@{r:g}"] = r_total / max(r_count, 1)
-        total, count = total + r_total / max(r_count, 1), count + r_count
-    loss = total / len(grid)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, **per_ratio}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = data.pack(data.load_documents(dcfg), tok, cfg.seq_len)
         if len(rows) == 0:
             raise RecipeError(f"data={cfg.data} gives no window of {cfg.seq_len} tokens")
-    ids = torch.stack([rows[i]["input_ids"] for i in range(min(cfg.max_rows, len(rows)))])
+    ids = data.spread(rows, cfg.max_rows)
     result = {"checkpoint": cfg.checkpoint, "family": family, "data": cfg.data, "windows": len(ids),
               "seq_len": cfg.seq_len, **heldout_loss(model, ids, family, cfg.ratios, cfg.seed, cfg.batch_size)}
     line = json.dumps(result)

@@ -9,8 +9,10 @@ Generation. Any artifact or released checkpoint (`qat.models.load`): the family 
     qwen3   transformers `generate`, batched with left padding, greedy (temperature 0) or sampled, stopping at EOS
             or any stop string of the prompt format
     coda    `qat.models.sampler.diffusion_generate` with CoDA's settings (steps = max_new_tokens by default, alg
-            entropy), left padding visible to attention as in the reference harness; the answer is cut at the
-            first <|im_end|>, pad and mask ids dropped, then cut at the stop strings
+            entropy); left padding is hidden from attention (`attention_mask`, positions from each prompt's
+            first token), so a completion does not depend on the batch it was generated in, as the reference
+            harness's do (it generates one prompt at a time); the answer is cut at the first <|im_end|>, pad and
+            mask ids dropped, then cut at the stop strings
 Prompt formats (eval/tasks.py): `instruct` (CoDA's chat prompt with its gen_prefix, used for both families for a
 fair comparison) or `completion` (the raw prompt, for base models); `auto` = instruct when the tokenizer has a
 chat template. Every result records the format.
@@ -128,7 +130,7 @@ def generate(model, tok, prompts: list[str], stops: list[str], cfg: EvalConfig,
         out = diffusion_generate(
             model, enc.input_ids, max_new_tokens=cfg.max_new_tokens, steps=cfg.steps or cfg.max_new_tokens,
             alg=cfg.alg, temperature=cfg.temperature, top_p=cfg.top_p if cfg.top_p < 1 else None,
-            alg_temp=cfg.alg_temp or None, generator=gen, fast=True,
+            alg_temp=cfg.alg_temp or None, generator=gen, fast=True, attention_mask=enc.attention_mask,
         )  # fmt: skip
     else:
         sample = cfg.temperature > 0

@@ -5,7 +5,9 @@ later layers winning:
 
     defaults (this file)  ⊕  recipes/NAME.yaml  ⊕  command-line `a.b=value` pairs
 
-so a recipe file is a short diff from the defaults, and `recipe=tiny_qwen3_int4 train.lr=1e-4` tweaks one
+so a recipe file is a short diff from the defaults, and a recipe may start from another one (`extends: NAME`
+as its first key: the parent's layers, then its own, so the widths of one family share a base and differ only
+in the lines that say so), and `recipe=tiny_qwen3_int4 train.lr=1e-4` tweaks one
 value. The merge is plain OmegaConf on a structured (dataclass) config: an unknown key or a value of the
 wrong type fails loudly, and `OmegaConf.to_object` hands the code real dataclasses whose `__post_init__`
 checks the values the type system cannot (bits ∈ {2,3,4,8,16}, …). Every failure is a `RecipeError`
@@ -141,18 +143,21 @@ class QuantConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "stdlib"  # jsonl/parquet file, directory of source files, `stdlib` (this Python's), or a hub id
+    path: str = "stdlib"  # jsonl/parquet file, directory of source files, `stdlib` (this Python's), pkg:NAME, hub id
     subset: str = ""  # hub dataset configuration name (e.g. educational_instruct), if it has several
     format: str = "packed"  # packed: documents concatenated into rows | chat: one prompt/response pair per row
     glob: str = "*.py"  # files taken from a directory (recursively)
     text_field: str = "content"  # packed: column holding the code in jsonl/parquet/hub data
     prompt_field: str = "instruction"  # chat: the user turn
     response_field: str = "output"  # chat: the assistant turn
-    split: str = "train"  # hub split
+    split: str = "train"  # directories: train | validation | all (by a hash of each file's path); hub: its split
+    val_fraction: float = 0.05  # directories: share of files (by path hash) in the validation split
+    eval_path: str = ""  # validation data of train.eval_every; "" = the validation split of data.path
     max_docs: int = 0  # use the first N documents (sorted, deterministic); 0 = all
 
     def __post_init__(self) -> None:
         _check(self.max_docs >= 0, f"data.max_docs must be >= 0, got {self.max_docs}")
+        _check(0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         _check(self.format in ("packed", "chat"), f"data.format must be packed or chat, got {self.format!r}")
 
 
@@ -180,6 +185,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup: int = 0  # linear warmup steps
     weight_decay: float = 0.0  # on 2-D weights only
+    scales_lr_ratio: float = 1.0  # learned quantizer scales/zero points (quant.scales=lsq) train at this × lr
     batch_size: int = 8  # sequences per device per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 512  # tokens per packed sequence
@@ -196,12 +202,15 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest N checkpoints kept
     resume: str = "none"  # none | auto (newest checkpoint in out_dir, else start fresh) | path to a checkpoint
     stop_after: int = 0  # end this invocation after N more steps, with a checkpoint (time-boxed jobs)
+    eval_every: int = 0  # validation loss (eval.heldout's metric) every N steps, at start and end; 0 = off
+    eval_rows: int = 64  # validation windows of seq_len tokens (the first N of data.eval_path / validation split)
 
     def __post_init__(self) -> None:
-        for k in ("steps", "warmup", "fake_quant_after", "save_every", "stop_after"):
+        for k in ("steps", "warmup", "fake_quant_after", "save_every", "stop_after", "eval_every"):
             _check(getattr(self, k) >= 0, f"train.{k} must be >= 0, got {getattr(self, k)}")
         _check(self.lr >= 0, f"train.lr must be >= 0, got {self.lr}")
-        for k in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints"):
+        _check(self.scales_lr_ratio >= 0, f"train.scales_lr_ratio must be >= 0, got {self.scales_lr_ratio}")
+        for k in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints", "eval_rows"):
             _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
         _check(0.0 <= self.kd <= 1.0, f"train.kd must be in [0, 1], got {self.kd}")
         _check(self.kd_temperature > 0, f"train.kd_temperature must be > 0, got {self.kd_temperature}")
@@ -242,6 +251,15 @@ def _recipe_file(name: str) -> Path:
     return path
 
 
+def _recipe_layers(name: str, chain: tuple[str, ...] = ()) -> list:
+    """The YAML layers of recipe `name`, its `extends:` ancestors first (a recipe names one parent)."""
+    if name in chain:
+        raise RecipeError(f"recipe {name!r} extends itself: {' -> '.join((*chain, name))}")
+    cfg = OmegaConf.load(_recipe_file(name))
+    parent = cfg.pop("extends", None)
+    return [*(_recipe_layers(str(parent), (*chain, name)) if parent else []), cfg]
+
+
 def _one_line(e: Exception) -> str:
     msg = getattr(e, "msg", None) or str(e)
     key = getattr(e, "full_key", None)
@@ -261,10 +279,10 @@ def load_recipe(argv: Sequence[str] = ()) -> Recipe:
     try:
         layers = [OmegaConf.structured(Recipe)]
         if name != "default":
-            file_cfg = OmegaConf.load(_recipe_file(name))
-            if "name" not in file_cfg:
-                file_cfg.name = Path(name).stem
-            layers.append(file_cfg)
+            files = _recipe_layers(name)
+            if "name" not in files[-1]:
+                files[-1].name = Path(name).stem  # a parent's name never leaks into its children
+            layers += files
         layers.append(OmegaConf.from_dotlist(args))
         cfg = OmegaConf.merge(*layers)
         return OmegaConf.to_object(cfg)

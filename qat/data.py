@@ -5,7 +5,19 @@ Sources (`data.path`):
     a directory                    every file matching `data.glob` below it (sorted), one document each
     stdlib                         this Python's standard library sources (tests excluded): real code that
                                    every machine has, the offline default
+    pkg:NAME                       the Python sources of the installed package NAME (tests excluded), at the
+                                   version installed (`describe` names it): third-party code every install
+                                   of this toolkit has, a held-out corpus the stdlib-trained models never saw
     anything else                  a `datasets` hub id (`bigcode/the-stack-smol`, …), split `data.split`
+
+Directory sources (a directory, `stdlib`, `pkg:NAME`) are split into train and validation by file:
+
+    split(path) = validation  if  md5(relative path)[:8] / 16^8 < data.val_fraction  else  train
+
+so the split is deterministic across machines and Python patch releases (it depends on the path alone, not on
+the file's content or the listing order), and no file is in both. `data.split` picks `train`, `validation` or
+`all`; for hub datasets it is the hub's split name. `eval_source` names the trainer's validation data: the
+training source's validation split, or `data.eval_path` when given (its `all` split for directories).
 
 Two row formats (`data.format`):
 
@@ -26,7 +38,12 @@ Shuffling happens in the trainer's DataLoader with an explicit, checkpointed gen
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import importlib.util
+import sys
 import sysconfig
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,24 +59,94 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def package_dir(name: str) -> Path:
+    """The source directory of an installed top-level package (`pkg:NAME`)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(f"data.path=pkg:{name}: no installed package {name!r} with a source directory")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_version(name: str) -> str:
+    """The installed distribution version of top-level package NAME (its distribution may be named otherwise)."""
+    for dist in importlib.metadata.packages_distributions().get(name, [name]):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def source_dir(src: str) -> Path | None:
+    """The directory behind a directory source (`stdlib`, `pkg:NAME`, a path), else None."""
+    if src == "stdlib":
+        return stdlib_dir()
+    if src.startswith("pkg:"):
+        return package_dir(src[4:])
+    return Path(src) if Path(src).is_dir() else None
+
+
+def describe(cfg: DataConfig) -> str:
+    """A name for a data source that says exactly what was read: `stdlib 3.11.7 [validation 5%]`,
+    `pkg:accelerate==1.15.0`, a path or hub id with its split."""
+    src = cfg.path
+    if src == "stdlib":
+        name = f"stdlib {sys.version.split()[0]}"
+    elif src.startswith("pkg:"):
+        name = f"{src}=={package_version(src[4:])}"
+    else:
+        name = src
+    if source_dir(src) is not None:
+        return name if cfg.split == "all" else f"{name} [{cfg.split} {cfg.val_fraction:.0%}]"
+    return f"{name} [{cfg.split}]" if not Path(src).is_file() else name
+
+
+def file_split(rel: str, val_fraction: float) -> str:
+    """`train` or `validation` for a file, from its relative path alone (see the module docstring)."""
+    h = int(hashlib.md5(rel.encode()).hexdigest()[:8], 16) / 16**8
+    return "validation" if h < val_fraction else "train"
+
+
 def _files(root: Path, pattern: str) -> list[Path]:
     skip = {"test", "tests", "site-packages", "__pycache__", "idle_test"}
     return sorted(p for p in root.rglob(pattern) if p.is_file() and not skip & set(p.relative_to(root).parts[:-1]))
 
 
+def files(cfg: DataConfig) -> list[Path]:
+    """The files of a directory source in `cfg.split` (sorted, then the first `max_docs`)."""
+    root = source_dir(cfg.path)
+    if root is None:
+        raise RecipeError(f"data.path={cfg.path}: not a directory source")
+    found = _files(root, cfg.glob)
+    if cfg.split != "all":
+        found = [p for p in found if file_split(p.relative_to(root).as_posix(), cfg.val_fraction) == cfg.split]
+    return found[: cfg.max_docs] if cfg.max_docs else found
+
+
+def eval_source(cfg: DataConfig) -> DataConfig:
+    """The validation data of a recipe: `data.eval_path` (all of it, for a directory), else the training
+    source's validation split (a hub dataset's `validation` split)."""
+    if cfg.eval_path:
+        return replace(cfg, path=cfg.eval_path, split="all" if source_dir(cfg.eval_path) else "validation",
+                       max_docs=0)  # fmt: skip
+    if Path(cfg.path).is_file():
+        raise RecipeError(f"data.path={cfg.path} is one file with no validation split: set data.eval_path")
+    return replace(cfg, split="validation", max_docs=0)
+
+
 def load_documents(cfg: DataConfig) -> Dataset:
     """One document per row: column `text` (packed format) or `prompt` and `response` (chat format)."""
     src = cfg.path
-    path = stdlib_dir() if src == "stdlib" else Path(src)
+    path = source_dir(src) or Path(src)
     if path.is_dir():
         if cfg.format == "chat":
             raise RecipeError(f"data.format=chat needs a jsonl/parquet file or a hub dataset, not a directory ({src})")
-        files = _files(path, cfg.glob)
-        if cfg.max_docs:
-            files = files[: cfg.max_docs]
-        if not files:
-            raise RecipeError(f"data.path={src}: no files matching {cfg.glob!r}")
-        return Dataset.from_dict({"text": [f.read_text(encoding="utf-8", errors="replace") for f in files]})
+        if cfg.split not in ("train", "validation", "all"):
+            raise RecipeError(f"data.split={cfg.split!r}: a directory source splits into train, validation or all")
+        found = files(cfg)
+        if not found:
+            raise RecipeError(f"data.path={src}: no files matching {cfg.glob!r} in split {cfg.split!r}")
+        return Dataset.from_dict({"text": [f.read_text(encoding="utf-8", errors="replace") for f in found]})
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise RecipeError(f"data.path={src}: no such file")
@@ -77,8 +164,37 @@ def load_documents(cfg: DataConfig) -> Dataset:
     return ds.select_columns(list(fields.values())).rename_columns({v: k for k, v in fields.items()})
 
 
+_PACKED: dict[str, Dataset] = {}  # memo of `pack` (a study packs the same corpus for every cell)
+_PACKED_MAX = 8
+
+
+def _fingerprint(docs: Dataset, tokenizer, seq_len: int) -> str | None:
+    """A key for `pack`'s result: the documents' text, the tokenizer's full definition and EOS, the row length."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or "text" not in docs.column_names:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for text in docs["text"]:
+        h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    h.update(backend.to_str().encode() + f"|{tokenizer.eos_token_id}|{seq_len}".encode())
+    return h.hexdigest()
+
+
 def pack(docs: Dataset, tokenizer, seq_len: int) -> Dataset:
-    """Rows of `input_ids` [seq_len] (torch format): tokenized documents + EOS, concatenated and cut."""
+    """Rows of `input_ids` [seq_len] (torch format): tokenized documents + EOS, concatenated and cut.
+    Memoized in-process on (documents, tokenizer, seq_len)."""
+    key = _fingerprint(docs, tokenizer, seq_len)
+    if key is not None and key in _PACKED:
+        return _PACKED[key]
+    rows = _pack(docs, tokenizer, seq_len)
+    if key is not None:
+        while len(_PACKED) >= _PACKED_MAX:
+            _PACKED.pop(next(iter(_PACKED)))
+        _PACKED[key] = rows
+    return rows
+
+
+def _pack(docs: Dataset, tokenizer, seq_len: int) -> Dataset:
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
@@ -93,6 +209,17 @@ def pack(docs: Dataset, tokenizer, seq_len: int) -> Dataset:
     toks = docs.map(tokenize, batched=True, remove_columns=docs.column_names, desc="tokenize")
     rows = toks.map(cut, batched=True, batch_size=PACK_DOCS, remove_columns=["ids"], desc="pack")
     return rows.with_format("torch")
+
+
+def spread(rows: Dataset, k: int) -> torch.Tensor:
+    """`input_ids` of k windows evenly spaced over the packed rows [k, seq_len] (all of them when k >= len).
+    Deterministic, and it samples the whole corpus: the first k rows would come from the first few files in
+    sorted order (in the stdlib's validation split, mostly the `encodings` tables, far easier than the rest)."""
+    n = len(rows)
+    if k >= n:
+        return rows["input_ids"][:]
+    idx = torch.linspace(0, n - 1, k).round().long().tolist()
+    return rows.select(idx)["input_ids"][:]
 
 
 ASSISTANT = "<|im_start|>assistant"

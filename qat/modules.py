@@ -54,6 +54,8 @@ class WeightQuantizer(nn.Module):
     def qparams(self, weight: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.mode == "dynamic":
             return quant.minmax_qparams(weight, self.bits, self.n_groups, self.symmetric)
+        if self.mode == "lsq":  # a learned step must stay positive: clamp (identity while it is) on every path
+            return self.scale.clamp_min(quant.SCALE_MIN), self.zero_point
         return self.scale, self.zero_point
 
     @torch.no_grad()

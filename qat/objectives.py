@@ -33,11 +33,16 @@ and only the masked positions count, with the same 1/sigma weights. Everything i
 only on the rows with non-zero weight (for a 151k vocabulary the upcast logits are the largest tensor).
 Random draws take an explicit `generator`, which the trainer seeds from (seed, rank, step, micro-batch):
 noise is then a pure function of the position in training, and resuming reproduces it without saving RNG.
+
+The held-out metric (`heldout_loss`: eval.heldout and the trainer's validation) is a plain NLL per scored token:
+every target for AR models; for diffusion the masked targets at each mask ratio of HELDOUT_RATIOS with fixed
+masks (a seeded generator), averaged over the grid. Unweighted, so comparable across checkpoints of one family.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -175,3 +180,36 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, ex: Example, tempera
     kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
                   reduction="none").sum(-1)  # fmt: skip
     return (kl * w).sum() / ex.norm * t2
+
+
+# The held-out metric (eval.heldout, the trainer's validation): AR NLL per token; diffusion masked-token NLL
+# averaged over this grid of mask ratios, with fixed masks.
+HELDOUT_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@torch.no_grad()
+def heldout_loss(model, ids: torch.Tensor, family: str, ratios: list[float], seed: int = 0, batch_size: int = 8
+                 ) -> dict[str, float]:  # fmt: skip
+    """{"loss", "tokens", and per-ratio losses for diffusion} of `model` on windows `ids` [N, L]."""
+    device = next(model.parameters()).device
+    total, count, per_ratio = 0.0, 0, {}
+    grid = ratios if family == "coda" else [None]
+    for r in grid:
+        r_total, r_count = 0.0, 0
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for batch in ids.split(batch_size):
+            batch = batch.to(device)
+            if r is None:
+                ex = causal_example(batch)
+            else:
+                sigma = torch.full((len(batch),), r)
+                ex = diffusion_example(batch, model.config.mask_token_id, sigma=sigma, generator=gen)
+            sel = ex.weight > 0
+            logits = model(input_ids=ex.inputs).logits[:, :-1][sel].float()
+            r_total += float(F.cross_entropy(logits, ex.targets[sel], reduction="sum"))
+            r_count += int(sel.sum())
+        if r is not None:
+            per_ratio[f"loss@{r:g}"] = r_total / max(r_count, 1)
+        total, count = total + r_total / max(r_count, 1), count + r_count
+    loss = total / len(grid)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, **per_ratio}

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MSE_GRID = torch.linspace(1.0, 0.5, 21).tolist()  # clipping ratios tried by the MSE search
+SCALE_MIN = torch.finfo(torch.float32).tiny  # every scale is at least this (a zero step would divide by 0)
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -77,10 +78,10 @@ def minmax_qparams(
     qmin, qmax = int_range(bits, symmetric)
     if symmetric:
         scale = wg.abs().amax(-1) * clip / (qmax + 0.5)
-        return scale.clamp_min(torch.finfo(torch.float32).tiny), None
+        return scale.clamp_min(SCALE_MIN), None
     lo = wg.amin(-1).clamp_max(0) * clip
     hi = wg.amax(-1).clamp_min(0) * clip
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_MIN)
     zero = torch.round(-lo / scale).clamp(qmin, qmax)
     return scale, zero
 

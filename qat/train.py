@@ -56,7 +56,73 @@ from qat.config import Recipe, RecipeError, exit_on_error, flatten, load_recipe,
 from qat.export import save_artifact, size_report
 from qat.models import DTYPES, adapter, family_of
 from qat.ptq.pipeline import quantize_model
-from qat.swap import convert, prepare, quant_stats, set_fake_quant
+from qat.swap import convert, fake_quant_modules, prepare, quant_stats, set_fake_quant
+
+
+@dataclass
+class ValidationResult:
+    """Validation losses of a run: the float base as loaded, the PTQ model at step 0 (quantized runs), and the
+    trained model at each evaluation (`curve`: [step, loss]; `final` = the last)."""
+
+    data: str
+    metric: str
+    windows: int
+    base: float | None = None
+    ptq: float | None = None
+    final: float | None = None
+    curve: list | None = None
+
+
+class Validation:
+    """The trainer's validation: `eval.heldout`'s metric (qat.objectives.heldout_loss) on `train.eval_rows` windows
+    evenly spaced over the validation data (data.eval_source, data.spread), with fake quant on when quantizing."""
+
+    def __init__(self, ids: torch.Tensor, family: str, quantized: bool, batch_size: int, data_name: str) -> None:
+        self.ids, self.family, self.quantized, self.batch_size = ids, family, quantized, batch_size
+        metric = "NLL per token" if family == "qwen3" else (
+            "masked-token NLL, mean over mask ratios " + "/".join(f"{r:g}" for r in objectives.HELDOUT_RATIOS))
+        self.result = ValidationResult(data=data_name, metric=metric, windows=len(ids), curve=[])
+
+    @classmethod
+    def build(cls, recipe: Recipe, tokenizer) -> Validation:
+        src = data.eval_source(recipe.data)
+        rows = data.pack(data.load_documents(src), tokenizer, recipe.train.seq_len)
+        if len(rows) == 0:
+            raise RecipeError(f"validation data {data.describe(src)} gives no window of {recipe.train.seq_len} tokens")
+        ids = data.spread(rows, recipe.train.eval_rows)
+        return cls(ids, recipe.model.family, recipe.quant.enabled, recipe.train.batch_size, data.describe(src))
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        flags = [m.enabled for _, m in fake_quant_modules(model)]
+        was_training = model.training
+        model.eval()
+        set_fake_quant(model, self.quantized)
+        try:
+            return objectives.heldout_loss(model, self.ids, self.family, list(objectives.HELDOUT_RATIOS),
+                                           batch_size=self.batch_size)["loss"]  # fmt: skip
+        finally:
+            if flags:
+                set_fake_quant(model, flags[0])
+            model.train(was_training)
+
+    def record(self, what: str, step: int, loss: float) -> None:
+        r = self.result
+        if what == "trained":
+            r.final = loss
+            r.curve.append([step, loss])
+        else:
+            setattr(r, what, loss)
+
+    def summary(self, recipe: Recipe) -> str:
+        """One line: the float base, the PTQ model it started from (step 0) and the trained result."""
+        r, q = self.result, recipe.quant
+        parts = [f"float base {r.base:.4f}"]
+        if r.ptq is not None:
+            parts.append(f"PTQ {q.init} W{q.bits} (step 0) {r.ptq:.4f}")
+        if r.curve:
+            what = "QAT" if q.enabled else "fine-tuned"
+            parts.append(f"{what} (step {r.curve[-1][0]}) {r.final:.4f}")
+        return f"validation loss ({r.metric}; {r.data}, {r.windows} windows): " + " | ".join(parts)
 
 
 class TrainingError(RuntimeError):
@@ -112,13 +178,17 @@ def learning_rate(recipe: Recipe, step: int) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on norms, biases or quantizer scales)."""
-    decay, rest = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, scales_lr_ratio: float = 1.0) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases or quantizer scales); learned quantizer parameters
+    (LSQ scales and zero points) in their own group, at `scales_lr_ratio` × the learning rate."""
+    decay, rest, quantizer = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 and "weight_quantizer" not in name else rest).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+            (quantizer if "weight_quantizer" in name else decay if p.ndim >= 2 else rest).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if quantizer:
+        groups.append({"params": quantizer, "weight_decay": 0.0, "lr_ratio": scales_lr_ratio})
+    return groups
 
 
 def batches(accelerator: Accelerator, loader: DataLoader, start: int) -> Iterator[torch.Tensor]:
@@ -175,9 +245,15 @@ def check_model_path(recipe: Recipe) -> None:
 
 
 def load_model(recipe: Recipe):
+    """The recipe's base model. `model.family=coda` on a Qwen3 checkpoint adapts it (the same weights made
+    bidirectional, as CoDA was made from Qwen3); any other family mismatch is an error."""
     m = recipe.model
     try:
         family = family_of(m.path)
+        if family == "qwen3" and m.family == "coda":
+            from qat.models.coda import from_qwen3
+
+            return from_qwen3(m.path, dtype=DTYPES[m.dtype], attn=m.attn)
         if family != m.family:
             raise RecipeError(f"model.family={m.family} but {m.path} is a {family} checkpoint")
         return adapter(family).load(m.path, dtype=DTYPES[m.dtype], attn=m.attn)
@@ -202,6 +278,12 @@ def train(recipe: Recipe) -> Path:
     teacher = None
     if recipe.train.kd > 0 and recipe.train.kd_teacher == "frozen":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    val = None
+    if recipe.train.eval_every:
+        with accelerator.main_process_first():
+            val = Validation.build(recipe, tokenizer)
+        with gathered(model):
+            val.record("base", 0, val(model))
     # transformers partitions at load time under ZeRO-3: PTQ needs the full weights, and GPTQ/AWQ rewrite them
     with gathered(model, modify=recipe.quant.calibrated):
         ptq = quantize_model(model, tokenizer, recipe, progress=accelerator.is_local_main_process)
@@ -210,18 +292,26 @@ def train(recipe: Recipe) -> Path:
         if accelerator.is_main_process:
             (out / "ptq.json").write_text(json.dumps(asdict(ptq), indent=1) + "\n")
     say(f"model: {recipe.model.path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
+    if val is not None and recipe.quant.enabled:
+        with gathered(model):
+            val.record("ptq", 0, val(model))
 
     done = True
     if recipe.train.steps > 0:
-        model, done = fit(recipe, accelerator, model, tokenizer, teacher)
+        model, done = fit(recipe, accelerator, model, tokenizer, teacher, val)
     final = finish(recipe, accelerator, model, tokenizer, ptq.bits) if done else out / "final"
+    if val is not None and done:
+        say(val.summary(recipe))
+        if accelerator.is_main_process:
+            (out / "validation.json").write_text(json.dumps(asdict(val.result), indent=1) + "\n")
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # avoids a teardown abort under DeepSpeed
     return final
 
 
-def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> tuple[torch.nn.Module, bool]:
+def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val: Validation | None = None
+        ) -> tuple[torch.nn.Module, bool]:  # fmt: skip
     """The training loop; returns the (wrapped) model and whether train.steps were reached."""
     t = recipe.train
     out = Path(recipe.out_dir)
@@ -234,7 +324,7 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
         generator=torch.Generator().manual_seed(t.seed),
     )  # fmt: skip
     model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.scales_lr_ratio), lr=t.lr, betas=(0.9, 0.95))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the recipe, not the launch config, owns these
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = t.grad_clip
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -256,6 +346,16 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
     stop_at = min(t.steps, state.step + t.stop_after) if t.stop_after else t.steps
     bar = tqdm(total=t.steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     prev_codes = None
+
+    def validate() -> None:  # every rank computes it (ZeRO-3 forwards are collective); the main one logs it
+        loss = val(unwrapped)
+        val.record("trained", state.step, loss)
+        accelerator.log({"eval/loss": loss}, step=state.step)
+        if accelerator.is_local_main_process:
+            bar.write(f"step {state.step}: validation loss {loss:.4f}")
+
+    if val is not None:
+        accelerator.log({"eval/loss": val.result.ptq if recipe.quant.enabled else val.result.base}, step=state.step)
     tic, interval_losses = time.perf_counter(), []
     try:
         while state.step < stop_at:
@@ -263,7 +363,7 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
             set_fake_quant(unwrapped, fq_on)
             lr = learning_rate(recipe, state.step)
             for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps inside the last one
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_ratio", 1.0)
             losses, parts = [], {}
             for i in range(t.grad_accum):
                 batch = next(micro)
@@ -304,6 +404,8 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher) -> 
                     logs.update(stats)
                 accelerator.log(logs, step=state.step)
                 tic, interval_losses = time.perf_counter(), []
+            if val is not None and (state.step % t.eval_every == 0 or state.step == t.steps):
+                validate()
             if (t.save_every and state.step % t.save_every == 0) or state.step == stop_at < t.steps:
                 save_checkpoint(accelerator, out, state.step, t.keep_checkpoints)
     except KeyboardInterrupt:

@@ -142,7 +142,7 @@ def reference_forward(sd: dict[str, torch.Tensor], c: dict, ids: torch.Tensor, c
 
 
 def test_forward_matches_reference_derivation():
-    d = ROOT / "checkpoints" / "tiny-coda"
+    d = ROOT / "checkpoints" / "micro-coda"
     model, _ = load(d)
     c = json.loads((d / "config.json").read_text())
     ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -154,7 +154,7 @@ def test_forward_matches_reference_derivation():
 
 
 def test_bidirectional_and_causal_equals_qwen3():
-    model, _ = load(ROOT / "checkpoints" / "tiny-coda")
+    model, _ = load(ROOT / "checkpoints" / "micro-coda")
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     later = ids.clone()
     later[0, -1] = (later[0, -1] + 1) % 256
@@ -177,7 +177,7 @@ def test_bidirectional_and_causal_equals_qwen3():
 
 
 def test_generate_is_not_autoregressive():
-    model, _ = load(ROOT / "checkpoints" / "tiny-coda")
+    model, _ = load(ROOT / "checkpoints" / "micro-coda")
     with pytest.raises(TypeError, match="diffusion_generate"):
         model.generate(torch.zeros(1, 3, dtype=torch.long))
     assert coda.CoDAForMaskedDiffusion.family == "coda"

@@ -23,7 +23,7 @@ def test_every_shipped_recipe_validates(name):
 def test_layers_defaults_recipe_cli():
     r = load_recipe(["recipe=tiny_qwen3_int4", "train.lr=0.5", "quant.skip=[lm_head]", "out_dir=/tmp/x"])
     assert r.train.lr == 0.5 and r.quant.skip == ["lm_head"] and r.out_dir == "/tmp/x"
-    assert r.train.batch_size == 4  # from the recipe file
+    assert r.train.batch_size == 8 and r.quant.bits == 4  # from the recipe file and its parent (tiny_qwen3)
     assert r.train.grad_clip == 1.0  # from the defaults
     assert load_recipe([]) == Recipe(out_dir="checkpoints/default")  # interpolations resolved
     assert flatten(r)["quant.skip"] == "['lm_head']" and flatten(r)["train.lr"] == 0.5

@@ -38,7 +38,7 @@ def test_score_averages_over_problems():
 
 def test_heldout_cli_last_line_is_json(tmp_path):
     out = tmp_path / "h.json"
-    p = subprocess.run([sys.executable, "-m", "eval.heldout", f"checkpoint={ROOT / 'checkpoints/tiny-coda'}",
+    p = subprocess.run([sys.executable, "-m", "eval.heldout", f"checkpoint={ROOT / 'checkpoints/micro-coda'}",
                         "data=stdlib", "max_docs=3", "max_rows=4", "seq_len=64", f"out={out}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
@@ -54,11 +54,11 @@ def test_heldout_loss_is_deterministic_and_family_specific():
     from qat.models import load
 
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    coda, _ = load(ROOT / "checkpoints/tiny-coda")
+    coda, _ = load(ROOT / "checkpoints/micro-coda")
     a = heldout_loss(coda, ids, "coda", [0.2, 0.8], seed=3)
     assert a == heldout_loss(coda, ids, "coda", [0.2, 0.8], seed=3)
     assert a["loss"] == pytest.approx((a["loss@0.2"] + a["loss@0.8"]) / 2)
-    qwen, _ = load(ROOT / "checkpoints/tiny-qwen3")
+    qwen, _ = load(ROOT / "checkpoints/micro-qwen3")
     ar = heldout_loss(qwen, ids, "qwen3", [0.5])
     assert ar["tokens"] == 4 * 31
 
@@ -76,7 +76,7 @@ def test_run_end_to_end_on_a_tiny_artifact(tmp_path, data_paths, family):
     from eval.run import main
     from qat import train
 
-    final = train.main([f"recipe=tiny_{family}_int4", f"model.path={ROOT / f'checkpoints/tiny-{family}'}",
+    final = train.main([f"recipe=micro_{family}_int4", f"model.path={ROOT / f'checkpoints/micro-{family}'}",
                         f"out_dir={tmp_path / 'run'}", "train.steps=0"])  # fmt: skip
     out = tmp_path / "eval"
     summary = main([f"checkpoint={final}", *data_paths, "limit=2", "max_new_tokens=8", "batch_size=2",
@@ -108,7 +108,7 @@ def test_run_scores_a_correct_completion_as_passed(tmp_path, data_paths, monkeyp
         return out
 
     monkeypatch.setattr(run_mod, "generate", oracle)
-    summary = run_mod.main([f"checkpoint={ROOT / 'checkpoints/tiny-qwen3'}", *data_paths, "tasks=[humaneval]",
+    summary = run_mod.main([f"checkpoint={ROOT / 'checkpoints/micro-qwen3'}", *data_paths, "tasks=[humaneval]",
                             "limit=3", "format=completion", f"out={tmp_path}"])  # fmt: skip
     assert summary["tasks"]["humaneval"]["pass@1"] == 1.0
 
@@ -118,7 +118,7 @@ def test_ablate_end_to_end_both_families(tmp_path):
     """The grid through the trainer (subprocesses) and the held-out metric; report.md and pareto.png; resumable."""
     from eval.ablate import main
 
-    args = ["recipes=[tiny_qwen3_int4,tiny_coda_int4]", "bits=[4,2]", "methods=[rtn,qat]", "metric=heldout",
+    args = ["recipes=[micro_qwen3_int4,micro_coda_int4]", "bits=[4,2]", "methods=[rtn,qat]", "metric=heldout",
             f"out={tmp_path}", "heldout_rows=4", "heldout_seq_len=64",
             "set=[data.max_docs=3,train.steps=3,train.seq_len=64,train.batch_size=2,train.save_every=0]"]  # fmt: skip
     out = main(args)
@@ -136,7 +136,7 @@ def test_repeated_diffusion_samples_differ(tmp_path, data_paths):
     """n samples of one prompt, one per batch: the sampler's stream runs on, so the samples are not copies."""
     from eval.run import main
 
-    main([f"checkpoint={ROOT / 'checkpoints/tiny-coda'}", *data_paths, "tasks=[humaneval]", "limit=1", "n=3",
+    main([f"checkpoint={ROOT / 'checkpoints/micro-coda'}", *data_paths, "tasks=[humaneval]", "limit=1", "n=3",
           "temperature=1.0", "batch_size=1", "max_new_tokens=8", f"out={tmp_path}"])  # fmt: skip
     completions = [json.loads(x)["completion"] for x in (tmp_path / "samples.jsonl").open()]
     assert len(completions) == 3 and len(set(completions)) > 1

@@ -18,8 +18,8 @@ from tests.conftest import ROOT
 
 CALIB = ["data.max_docs=4", "quant.calib_samples=6", "quant.calib_seq_len=64", "quant.calib_batch=4",
          "train.seq_len=64", "train.batch_size=2", "train.save_every=0"]  # fmt: skip
-FAMILIES = {"qwen3": ["recipe=tiny_qwen3_int4", f"model.path={ROOT / 'checkpoints/tiny-qwen3'}"],
-            "coda": ["recipe=tiny_coda_int4", f"model.path={ROOT / 'checkpoints/tiny-coda'}"]}  # fmt: skip
+FAMILIES = {"qwen3": ["recipe=micro_qwen3_int4", f"model.path={ROOT / 'checkpoints/micro-qwen3'}"],
+            "coda": ["recipe=micro_coda_int4", f"model.path={ROOT / 'checkpoints/micro-coda'}"]}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

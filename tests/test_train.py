@@ -19,7 +19,7 @@ from qat.modules import QuantizedLinear
 from qat.swap import prepare
 from tests.conftest import ROOT
 
-TINY = ["recipe=tiny_qwen3_int4", f"model.path={ROOT / 'checkpoints/tiny-qwen3'}", "data.max_docs=3",
+TINY = ["recipe=micro_qwen3_int4", f"model.path={ROOT / 'checkpoints/micro-qwen3'}", "data.max_docs=3",
         "train.seq_len=64", "train.batch_size=2", "train.save_every=0"]  # fmt: skip
 
 
@@ -90,7 +90,7 @@ def test_stop_and_resume_equals_straight_run_bitwise(tmp_path):
 
 def test_steps0_is_the_ptq_model(tmp_path, ids):
     final = run(tmp_path, "train.steps=0", "quant.bits=3", "quant.group_size=-1")
-    base, _ = load(ROOT / "checkpoints/tiny-qwen3")
+    base, _ = load(ROOT / "checkpoints/micro-qwen3")
     prepare(base, QuantConfig(bits=3, group_size=-1))
     ptq, _ = load(final)
     with torch.no_grad():
@@ -228,7 +228,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]
 
 
-TINY_CODA = ["recipe=tiny_coda_int4", f"model.path={ROOT / 'checkpoints/tiny-coda'}", "data.max_docs=3",
+TINY_CODA = ["recipe=micro_coda_int4", f"model.path={ROOT / 'checkpoints/micro-coda'}", "data.max_docs=3",
              "train.seq_len=64", "train.batch_size=2", "train.save_every=0"]  # fmt: skip
 
 

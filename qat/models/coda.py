@@ -90,6 +90,83 @@ class CoDAForMaskedDiffusion(Qwen3ForCausalLM):
         raise TypeError("CoDA is a diffusion LM: sample with qat.models.sampler.diffusion_generate(model, ids, ...)")
 
 
+# The released CoDA config.json, field for field (values are the 1.7B ones; sizes are overridden).
+RELEASED_CONFIG = {
+    "architectures": ["CoDALanguageModel"], "attention_bias": False, "attention_dropout": 0.0,
+    "attention_kernel": "flash_attention",
+    "auto_map": {"AutoConfig": "model_config.CoDAConfig", "AutoModel": "modeling_coda.CoDALanguageModel"},
+    "block_masking_probability": [0.25, 0.5, 0.5, 0.75, 0.25], "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "mask_block_sizes": [4, 8, 16, 32],
+    "mask_token_id": 151669, "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "CoDA",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "pad_token_id": 151643,
+    "prefix_probability": 0, "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000,
+    "sampling_eps": [0.001, 0.25, 0.5, 0.25, 0.001], "sliding_window": None, "torch_dtype": "float32",
+    "transformers_version": "4.47.1", "truncate_probability": 0, "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936,
+}  # fmt: skip
+
+
+def released_config(config: Qwen3Config, **overrides) -> dict:
+    """config.json in the released field set (RELEASED_CONFIG) with the sizes and token ids of `config`."""
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "pad_token_id",
+            "bos_token_id", "eos_token_id", "mask_token_id")  # fmt: skip
+    fields = {**RELEASED_CONFIG, **{k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}}
+    fields.update(max_window_layers=config.num_hidden_layers, rope_theta=config.rope_parameters["rope_theta"])
+    return {**fields, **overrides}
+
+
+def save_released(model: Qwen3ForCausalLM, out: str | Path, fields: dict, shards: int = 1, tie: bool = False
+                  ) -> Path:  # fmt: skip
+    """Write `model` in CoDA's released format: `fields` as config.json, the tensors under the reference's names
+    in one safetensors file or `shards` files with an index; tie=True leaves `lm_head.weight` out (the loader
+    then ties the head to the embeddings). Tied weights are stored once either way."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tie = tie or model.lm_head.weight is model.model.embed_tokens.weight
+    dtype = model.lm_head.weight.dtype
+    (out / "config.json").write_text(json.dumps({**fields, "torch_dtype": str(dtype).removeprefix("torch.")},
+                                                indent=2) + "\n")  # fmt: skip
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+    weight_map = {}
+    for i in range(shards):
+        part = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        chunk = names[i::shards]
+        save_file({k: tensors[k] for k in chunk}, str(out / part), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, part))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def from_qwen3(path: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
+    """(CoDA model, tokenizer) adapted from a Qwen3 checkpoint, as CoDA was made from Qwen3: the same weights
+    with causality switched off; `mask_token_id` comes from the tokenizer's mask token. The masked-diffusion
+    objective then teaches it to denoise (qat/objectives.py)."""
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.mask_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no mask token, which a CoDA model needs (<|mask|>)")
+    src = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=resolve_attn(attn))
+    if src.config.model_type != "qwen3":
+        raise ValueError(f"{path}: CoDA adapts a Qwen3 checkpoint, not {src.config.model_type!r}")
+    fields = src.config.to_dict()
+    for k in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache"):
+        fields.pop(k, None)
+    config = CoDAConfig(**{**fields, "mask_token_id": tok.mask_token_id})
+    model = CoDAForMaskedDiffusion(config).to(dtype)
+    model.load_state_dict(src.state_dict(), strict=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval(), tok
+
+
 AutoConfig.register(MODEL_TYPE, CoDAConfig, exist_ok=True)
 AutoModelForCausalLM.register(CoDAConfig, CoDAForMaskedDiffusion, exist_ok=True)
 

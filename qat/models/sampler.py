@@ -4,7 +4,8 @@ A diffusion LM generates by unmasking. The answer region starts as `max_new_toke
 the prompt; each of `steps` forwards predicts every masked position at once and commits some of the
 predictions, which are never masked again. What differs between algorithms is how many and which.
 
-    x = prompt ‖ MASK^n                       (right padding only; no attention mask: padding is attended)
+    x = prompt ‖ MASK^n                       (left padding; no attention mask: padding is attended, as in the
+                                               reference; `attention_mask=` hides it, see diffusion_generate)
     t_i = linspace(1, eps, steps + 1)[i]      (float32; the "time" runs from 1 = all masked to eps)
     logits[:, j] = model(x).logits[:, j - 1]  (right shift: CoDA keeps the AR convention of its Qwen3 init,
                                                hidden state j-1 predicts token j; position 0 keeps its own)
@@ -124,8 +125,8 @@ def sample_tokens(
 class _Predictor:
     """The right-shifted logits a step needs, with the shortcuts fast (reuse) and masked_head (head rows only)."""
 
-    def __init__(self, model, fast: bool, masked_head: bool):
-        self.model, self.fast = model, fast
+    def __init__(self, model, fast: bool, masked_head: bool, inputs: dict | None = None):
+        self.model, self.fast, self.inputs = model, fast, inputs or {}
         decoder = getattr(model, "get_decoder", lambda: None)()
         head = getattr(model, "get_output_embeddings", lambda: None)()
         self.split = (decoder, head) if masked_head and decoder is not None and head is not None else None
@@ -139,9 +140,9 @@ class _Predictor:
         if not (self.fast and self.x is not None and torch.equal(x, self.x)):
             self.x, self.rows = x.clone(), None  # x is edited in place later: keep a copy to compare
             if self.split:
-                self.out = self.split[0](input_ids=x, use_cache=False).last_hidden_state
+                self.out = self.split[0](input_ids=x, use_cache=False, **self.inputs).last_hidden_state
             else:
-                logits = self.model(input_ids=x).logits
+                logits = self.model(input_ids=x, **self.inputs).logits
                 self.out = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         if not self.split:
             return self.out, self.out[active]
@@ -186,7 +187,7 @@ def diffusion_generate(
     eps: float = 1e-3, mask_token_id: int | None = None, tokens_hook: TokensHook | None = None,
     logits_hook: LogitsHook | None = None, generator: torch.Generator | None = None, fast: bool = False,
     masked_head: bool = False, return_history: bool = False, block_length: int | None = None,
-    stop_at: int | None = None,
+    stop_at: int | None = None, attention_mask: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:  # fmt: skip
     """Prompt + generated tokens [B, P + max_new_tokens] (and the x after every step if return_history).
 
@@ -195,7 +196,9 @@ def diffusion_generate(
     runs once before the loop (step and logits None) and after every step; logits_hook(step, x, logits) ->
     logits sees the shifted logits [B, L, V] before scoring. `generator` drives every random draw (the global
     RNG when None). See the module docstring for the algorithms, `fast`, `masked_head` and `block_length` /
-    `stop_at`."""
+    `stop_at`. attention_mask [B, P] (1 = token, 0 = left padding; NOT the reference, which attends to padding):
+    padding is hidden from attention and positions count from each row's first token, so a left-padded row
+    generates exactly what the same prompt alone would (batch-size independent results)."""
     steps = max_new_tokens if steps is None else steps
     _check(max_new_tokens, steps, alg, temperature, top_p, top_k, alg_temp, eps, block_length, stop_at)
     if input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -206,10 +209,16 @@ def diffusion_generate(
 
     B, P = input_ids.shape
     x = torch.nn.functional.pad(input_ids, (0, max_new_tokens), value=mask_id)
+    inputs = None
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {(B, P)}")
+        full = torch.nn.functional.pad(attention_mask.to(x.device, torch.long), (0, max_new_tokens), value=1)
+        inputs = {"attention_mask": full, "position_ids": (full.cumsum(1) - 1).clamp_min(0)}
     if tokens_hook is not None:
         x = tokens_hook(None, x, None)
     hooked = tokens_hook is not None or logits_hook is not None
-    predict = _Predictor(model, fast, masked_head=masked_head and not hooked)
+    predict = _Predictor(model, fast, masked_head=masked_head and not hooked, inputs=inputs)
     n_blocks = 1 if block_length is None else max_new_tokens // block_length
     block_steps, size = steps // n_blocks, max_new_tokens // n_blocks
     history, i = [], 0

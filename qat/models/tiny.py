@@ -1,6 +1,8 @@
-"""Tiny random base models in the exact released formats, for CPU runs, tests and CI.
+"""Micro random models in the exact released formats, for tests and CI (`checkpoints/micro-{qwen3,coda}`).
 
-    python -m qat.models.tiny out=checkpoints/tiny-qwen3 [family=qwen3|coda] [seed=0]
+    python -m qat.models.tiny out=checkpoints/micro-qwen3 [family=qwen3|coda] [seed=0]
+
+(The *trained* tiny bases, `checkpoints/tiny-{qwen3,coda}`, are made by qat/models/bases.py.)
 
 writes a randomly initialised checkpoint (2 layers, hidden 128, every linear's in_features a multiple of
 128 so the real W4 g128 recipes apply unchanged) with a byte-level tokenizer: the 256 byte symbols and no
@@ -79,20 +81,6 @@ def build(out: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16, *
     return out
 
 
-# The released CoDA config.json, field for field (values are the 1.7B ones; sizes are overridden).
-CODA_RELEASED_CONFIG = {
-    "architectures": ["CoDALanguageModel"], "attention_bias": False, "attention_dropout": 0.0,
-    "attention_kernel": "flash_attention",
-    "auto_map": {"AutoConfig": "model_config.CoDAConfig", "AutoModel": "modeling_coda.CoDALanguageModel"},
-    "block_masking_probability": [0.25, 0.5, 0.5, 0.75, 0.25], "head_dim": 128, "hidden_act": "silu",
-    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "mask_block_sizes": [4, 8, 16, 32],
-    "mask_token_id": 151669, "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "CoDA",
-    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "pad_token_id": 151643,
-    "prefix_probability": 0, "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000,
-    "sampling_eps": [0.001, 0.25, 0.5, 0.25, 0.001], "sliding_window": None, "torch_dtype": "float32",
-    "transformers_version": "4.47.1", "truncate_probability": 0, "use_cache": True, "use_sliding_window": False,
-    "vocab_size": 151936,
-}  # fmt: skip
 TINY_SIZES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, max_window_layers=2, max_position_embeddings=4096)  # fmt: skip
 
@@ -106,13 +94,11 @@ def build_coda(
     tokenizer_dir: copy real tokenizer files from there (vocab 151936, the real special ids) instead of the
     byte-level one; shards > 1: split the weights over that many files plus model.safetensors.index.json;
     tie: leave `lm_head.weight` out of the files (the loader must then tie it to the embeddings)."""
-    from safetensors.torch import save_file
-
-    from qat.models.coda import CoDAConfig, CoDAForMaskedDiffusion
+    from qat.models.coda import RELEASED_CONFIG, CoDAConfig, CoDAForMaskedDiffusion, save_released
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = {**CODA_RELEASED_CONFIG, **TINY_SIZES, "torch_dtype": str(dtype).removeprefix("torch.")}
+    fields = {**RELEASED_CONFIG, **TINY_SIZES}
     if tokenizer_dir is None:
         tok = byte_tokenizer(eos="<|im_end|>")
         tok.save_pretrained(out)
@@ -123,30 +109,15 @@ def build_coda(
         for f in Path(tokenizer_dir).iterdir():
             if f.name not in ("config.json", "generation_config.json", "README.md") and f.is_file():
                 shutil.copy(f, out / f.name)
-    fields.update(overrides)
+    fields.update(overrides, torch_dtype=str(dtype).removeprefix("torch."))
     (out / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
-
     torch.manual_seed(seed)
     model = CoDAForMaskedDiffusion(CoDAConfig.from_pretrained(out)).to(dtype)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
-    names = sorted(tensors)
-    if shards == 1:
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        return out
-    weight_map = {}
-    for i in range(shards):
-        part = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        chunk = names[i::shards]
-        save_file({k: tensors[k] for k in chunk}, str(out / part), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(chunk, part))
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return out
+    return save_released(model, out, fields, shards=shards, tie=tie)
 
 
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     family = args.get("family", "qwen3")
     builder = {"qwen3": build, "coda": build_coda}[family]
-    print(builder(args.get("out", f"checkpoints/tiny-{family}"), seed=int(args.get("seed", 0))))
+    print(builder(args.get("out", f"checkpoints/micro-{family}"), seed=int(args.get("seed", 0))))
