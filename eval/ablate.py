@@ -5,7 +5,9 @@
                           [metric=auto|passk|heldout] [heldout_data=pkg:accelerate] [out=ablations/NAME]
                           [set=[train.steps=50,...]] [limit=0]
 
-(`recipe=NAME` for one family; a recipe's `quant.bits` is replaced by each width of `bits`.) Cells per recipe:
+(`recipe=NAME` for one family.) A width's cells run that width's own recipe when the family has one per width
+(`tiny_qwen3_int2` for bits 2 of `tiny_qwen3_int4`: each width keeps its grid), else the given recipe with
+`quant.bits` replaced. Cells per recipe:
 
     base           the unquantized model as loaded (`quant.bits=16 train.steps=0`)
     ft             the unquantized model trained with the QAT recipe's data, steps, schedule and learning rate
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -50,7 +53,7 @@ import torch
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from qat.config import DataConfig, RecipeError, exit_on_error, load_recipe, parse_cli  # noqa: E402
+from qat.config import RECIPES_DIR, DataConfig, RecipeError, exit_on_error, load_recipe, parse_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PTQ = ("rtn", "gptq", "awq")
@@ -114,17 +117,31 @@ def cells(cfg: AblateConfig) -> list[Cell]:
     return out
 
 
+def width_recipe(name: str, bits: int) -> str:
+    """The recipe a width's cells run: `<family>_int<bits>` when `name` is one width of such a family of recipes
+    (each width keeps its own grid: group size, symmetry), else `name` itself (with `quant.bits` overridden)."""
+    m = re.fullmatch(r"(.+)_int\d+", name)
+    if bits < 16 and m and (RECIPES_DIR / f"{m.group(1)}_int{bits}.yaml").is_file():
+        return f"{m.group(1)}_int{bits}"
+    return name
+
+
 def train_cell(recipe: str, out_dir: Path, overrides: list[str], log: Path) -> None:
     """One trainer run in this process (qat.train.main), its output in `log`."""
     from qat import train
 
     argv = [f"recipe={recipe}", f"out_dir={out_dir}", *overrides]
+    from accelerate.state import AcceleratorState, GradientState
+
     with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
             train.main(argv)
             code = 0
         except SystemExit as e:
             code = e.code
+        finally:  # accelerate keeps process-wide singletons: the next cell starts from a clean slate
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
     if code:
         raise RuntimeError(f"training cell failed (exit {code}): qat/train.py {' '.join(argv)}; see {log}")
 
@@ -171,7 +188,7 @@ def measure(final: Path, metric: str, sources: dict[str, DataConfig], cfg: Ablat
         if name == "heldout" and metric == "passk":
             continue
         ids = windows(source, tok, cfg)
-        result[name] = heldout_loss(model, ids, family, list(HELDOUT_RATIOS))["loss"]
+        result[name] = heldout_loss(model, ids, family, list(HELDOUT_RATIOS), batch_size=16)["loss"]
     if metric == "passk":
         from eval.run import EvalConfig, evaluate
 
@@ -203,21 +220,29 @@ def run(cfg: AblateConfig) -> Path:
                 continue
             cell.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            train_cell(recipe_name, cell, [*cfg.set, *c.overrides], cell / "train.log")
+            name = width_recipe(recipe_name, c.bits)
+            train_cell(name, cell, [*cfg.set, *c.overrides], cell / "train.log")
+            q = load_recipe([f"recipe={name}", *cfg.set, *c.overrides]).quant
             if metric == "auto":  # decided on the first (unquantized) cell
                 metric = "heldout" if parameters(cell / "final") < 50e6 else "passk"
             row = {"recipe": recipe_name, "family": family, "cell": c.name, "method": c.method, "bits": c.bits,
-                   "seed": c.seed, "metric": metric, "corpora": names,
+                   "seed": c.seed, "metric": metric, "corpora": names, "run_recipe": name,
+                   "grid": "" if c.bits == 16 else f"g{q.group_size} {'sym' if q.symmetric else 'asym'}",
                    **measure(cell / "final", metric, sources, cfg), "seconds": round(time.perf_counter() - t0, 1)}
             done.write_text(json.dumps(row) + "\n")
             rows.append(row)
             shown = {k: round(v, 4) for k, v in row.items() if k in metric_keys([row])}
             print(f"[{i + 1}/{len(grid)}] {recipe_name}/{c.name}: {shown} ({row['seconds']} s)", flush=True)
+            write(rows, out)  # after every cell: an interrupted study still has its table so far
+    write(rows, out)
+    return out
+
+
+def write(rows: list[dict], out: Path) -> None:
     with (out / "results.jsonl").open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     report(rows, out)
-    return out
 
 
 def parameters(final: Path) -> int:
@@ -230,7 +255,7 @@ def parameters(final: Path) -> int:
 # -------------------------------------------------------------------------------------------------- the report
 
 NOT_METRICS = {"recipe", "family", "cell", "method", "bits", "seed", "metric", "corpora", "bytes", "latency_ms",
-               "seconds"}  # fmt: skip
+               "seconds", "run_recipe", "grid"}  # fmt: skip
 
 
 def metric_keys(rows: list[dict]) -> list[str]:
@@ -273,7 +298,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         ft = [r for r in fam if r["method"] == "ft"]
         for method, bits in dict.fromkeys((r["method"], r["bits"]) for r in fam):
             group = [r for r in fam if r["method"] == method and r["bits"] == bits]
-            line = {"family": family, "method": method, "bits": bits, "n": len(group),
+            line = {"family": family, "method": method, "bits": bits, "n": len(group), "grid": group[0].get("grid", ""),
                     "mib": group[0]["bytes"] / 2**20, "latency_ms": statistics.median(r["latency_ms"] for r in group),
                     "metrics": {}}  # fmt: skip
             best = best_ptq(fam, bits) if method in QAT else None
@@ -319,16 +344,16 @@ def report(rows: list[dict], out: Path) -> str:
     keys = metric_keys(rows)
     lines = summarize(rows)
     corp = rows[0].get("corpora", {}) if rows else {}
-    head = "| family | method | bits | n | " + " | ".join(f"{k} | Δ {k} | rec. {k}" for k in keys)
+    head = "| family | method | bits | grid | n | " + " | ".join(f"{k} | Δ {k} | rec. {k}" for k in keys)
     md = ["# PTQ vs QAT", "", head + " | MiB | ms/forward | best PTQ |",
-          "|---|---|---:|---:|" + "---:|---:|---:|" * len(keys) + "---:|---:|---|"]
+          "|---|---|---:|---|---:|" + "---:|---:|---:|" * len(keys) + "---:|---:|---|"]
     for ln in lines:
         cols = []
         for k in keys:
             m = ln["metrics"].get(k)
             cols += [_cell(m), "" if m is None or "delta" not in m else f"{m['delta']:+.4f}",
                      "" if m is None else _recovery(m)]  # fmt: skip
-        md.append(f"| {ln['family']} | {ln['method']} | {ln['bits']} | {ln['n']} | " + " | ".join(cols)
+        md.append(f"| {ln['family']} | {ln['method']} | {ln['bits']} | {ln['grid']} | {ln['n']} | " + " | ".join(cols)
                   + f" | {ln['mib']:.2f} | {ln['latency_ms']:.1f} | {ln['vs'] or ''} |")  # fmt: skip
     md += ["", "Metrics (lower is better for losses, higher for pass rates):"]
     for k in keys:

@@ -1,9 +1,12 @@
 """Held-out loss of a checkpoint on Python code: the metric for models too small to solve HumanEval/MBPP.
 
-    python -m eval.heldout checkpoint=DIR data=PATH [seq_len=256] [max_docs=0] [max_rows=64] [batch_size=8]
-                           [ratios=[0.1,0.3,0.5,0.7,0.9]] [seed=0] [out=FILE.json]
+    python -m eval.heldout checkpoint=DIR [data=pkg:accelerate] [split=all] [seq_len=256] [max_docs=0]
+                           [max_rows=64] [batch_size=8] [ratios=[0.1,0.3,0.5,0.7,0.9]] [seed=0] [out=FILE.json]
 
-Data: any `data.path` the trainer accepts (a directory of source files, a jsonl/parquet file, `stdlib`), packed
+Data: any `data.path` the trainer accepts (a directory of source files, `stdlib`, `pkg:NAME`, a jsonl/parquet
+file), all of it (`split=all`) or one side of its path-hash split (`split=validation`: the stdlib files the tiny
+bases never trained on). The default, the installed `accelerate` package's sources, is code that no recipe here
+trains on; the result names the corpus and its version (`corpus`). Packed
 into windows of `seq_len` tokens exactly as for training; `max_rows` windows evenly spaced over the whole corpus are
 scored (deterministic; `data.spread`).
 
@@ -34,7 +37,8 @@ from qat.objectives import HELDOUT_RATIOS, heldout_loss  # noqa: E402,F401  (hel
 @dataclass
 class HeldoutConfig:
     checkpoint: str = "???"
-    data: str = "stdlib"
+    data: str = "pkg:accelerate"
+    split: str = "all"  # directory sources: all | train | validation (qat.data's path-hash split)
     glob: str = "*.py"
     text_field: str = "content"
     seq_len: int = 256
@@ -57,12 +61,14 @@ def main(argv: list[str] | None = None) -> dict:
             raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such directory")
         family = family_of(cfg.checkpoint)
         model, tok = load(cfg.checkpoint)
-        dcfg = DataConfig(path=cfg.data, glob=cfg.glob, text_field=cfg.text_field, max_docs=cfg.max_docs)
+        dcfg = DataConfig(path=cfg.data, glob=cfg.glob, text_field=cfg.text_field, max_docs=cfg.max_docs,
+                          split=cfg.split)  # fmt: skip
         rows = data.pack(data.load_documents(dcfg), tok, cfg.seq_len)
         if len(rows) == 0:
             raise RecipeError(f"data={cfg.data} gives no window of {cfg.seq_len} tokens")
     ids = data.spread(rows, cfg.max_rows)
-    result = {"checkpoint": cfg.checkpoint, "family": family, "data": cfg.data, "windows": len(ids),
+    result = {"checkpoint": cfg.checkpoint, "family": family, "data": cfg.data, "corpus": data.describe(dcfg),
+              "windows": len(ids),
               "seq_len": cfg.seq_len, **heldout_loss(model, ids, family, cfg.ratios, cfg.seed, cfg.batch_size)}
     line = json.dumps(result)
     if cfg.out:

@@ -115,18 +115,19 @@ def test_run_scores_a_correct_completion_as_passed(tmp_path, data_paths, monkeyp
 
 @pytest.mark.slow
 def test_ablate_end_to_end_both_families(tmp_path):
-    """The grid through the trainer (subprocesses) and the held-out metric; report.md and pareto.png; resumable."""
+    """The grid through the trainer (in-process cells) and the held-out metrics; report.md and pareto.png; resumable."""
     from eval.ablate import main
 
     args = ["recipes=[micro_qwen3_int4,micro_coda_int4]", "bits=[4,2]", "methods=[rtn,qat]", "metric=heldout",
-            f"out={tmp_path}", "heldout_rows=4", "heldout_seq_len=64",
+            "seeds=[0]", f"out={tmp_path}", "heldout_rows=4", "heldout_seq_len=64",
             "set=[data.max_docs=3,train.steps=3,train.seq_len=64,train.batch_size=2,train.save_every=0]"]  # fmt: skip
     out = main(args)
     report = (out / "report.md").read_text()
     rows = [json.loads(x) for x in (out / "results.jsonl").open()]
     assert len(rows) == 2 * (2 + 2 * 2)
     assert {r["family"] for r in rows} == {"qwen3", "coda"} and all(r["heldout"] > 0 for r in rows)
-    assert "recovery" in report and "| coda | qat | 2 |" in report and "| qwen3 | ft | 16 |" in report
+    assert all(r["validation"] > 0 and r["corpora"]["heldout"].startswith("pkg:accelerate==") for r in rows)
+    assert "Recovery" in report and "| coda | qat | 2 |" in report and "| qwen3 | ft | 16 |" in report
     assert (out / "pareto.png").stat().st_size > 1000
     again = main(args)  # every cell is skipped
     assert [json.loads(x) for x in (again / "results.jsonl").open()] == rows

@@ -169,7 +169,7 @@ def test_study_summary_per_metric_best_ptq_on_validation_and_seeds(tmp_path):
     assert h["recovery"]["mean"] == pytest.approx(0.25 / 0.39)
     assert lines[("qat", 8)]["metrics"]["validation"]["recovery"] is None  # PTQ beats FT: no gap
     text = report(rows, tmp_path)
-    assert "| qwen3 | qat | 2 | 2 |" in text and "gptq" in text and (tmp_path / "pareto.png").stat().st_size > 1000
+    assert "| qwen3 | qat | 2 |  | 2 |" in text and "gptq" in text and (tmp_path / "pareto.png").stat().st_size > 1000
 
 
 def test_cells_seed_and_ft_arms():
@@ -276,3 +276,46 @@ def test_learned_scales_stay_positive_and_train_at_their_own_rate(model):
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("weight_quantizer" in names[id(p)] for p in quantizer[0]["params"])
     assert not any("weight_quantizer" in names[id(p)] for g in groups[:2] for p in g["params"])
+
+
+# ------------------------------------------------------------------------------------------------ the bases
+
+BASES = {"qwen3": ROOT / "checkpoints/tiny-qwen3", "coda": ROOT / "checkpoints/tiny-coda"}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "coda"])
+def test_committed_base_loads_generates_and_scores_heldout_code(family):
+    from qat.models import family_of, load
+    from qat.models.sampler import diffusion_generate
+    from qat.objectives import HELDOUT_RATIOS, heldout_loss
+
+    path = BASES[family]
+    assert family_of(str(path)) == family
+    assert (path / "model.safetensors").stat().st_size <= 25 * 2**20
+    model, tok = load(path)
+    n = sum(p.numel() for p in model.parameters())
+    assert 5e6 <= n <= 20e6 and len(tok) == model.config.vocab_size == 8192
+    assert tok.decode(tok.encode(CODE, add_special_tokens=False)) == CODE
+    ids = tok("def fibonacci(n):\n", return_tensors="pt", add_special_tokens=False).input_ids
+    if family == "qwen3":
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    else:
+        out = diffusion_generate(model, ids, max_new_tokens=16, steps=16, alg="entropy")
+    new = out[0, ids.shape[1]:]
+    assert len(new) == 16 and (new != getattr(model.config, "mask_token_id", -1)).all()
+    assert tok.decode(new).strip()  # real text, not only specials
+    heldout = data.spread(data.pack(data.load_documents(DataConfig(path="pkg:accelerate", split="all")), tok, 128), 8)
+    loss = heldout_loss(model, heldout, family, list(HELDOUT_RATIOS))["loss"]
+    assert torch.isfinite(torch.tensor(loss)) and loss < 6.0  # trained: far below ln(8192) = 9.01
+
+
+def test_a_tiny_recipe_runs_three_steps_on_the_committed_base(tmp_path, capsys, _fresh_accelerate_state):
+    from qat import train
+    from qat.models import load
+
+    final = train.main(["recipe=tiny_qwen3_int4", "train.steps=3", "train.eval_rows=4", "train.batch_size=2",
+                        "train.save_every=0", "data.max_docs=20", f"out_dir={tmp_path}"])  # fmt: skip
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("validation loss")][-1]
+    assert "float base" in line and "(step 0)" in line and "QAT (step 3)" in line
+    model, _ = load(final)
+    assert model.config.vocab_size == 8192
