@@ -3,7 +3,7 @@
     python -m eval.ablate recipes=[tiny_qwen3_int4,tiny_coda_int4] [bits=[8,4,3,2]]
                           [methods=[rtn,gptq,awq,qat,qat-gptq]] [seeds=[0,1]] [seed_bits=[4,2]]
                           [metric=auto|passk|heldout] [heldout_data=pkg:accelerate] [out=ablations/NAME]
-                          [set=[train.steps=50,...]] [limit=0]
+                          [set=[train.steps=50,...]] [limit=0] [report_only=false]
 
 (`recipe=NAME` for one family.) A width's cells run that width's own recipe when the family has one per width
 (`tiny_qwen3_int2` for bits 2 of `tiny_qwen3_int4`: each width keeps its grid), else the given recipe with
@@ -32,7 +32,9 @@ several seeds the report gives the mean and the range over QAT seeds; where FT i
 
 Cells run in this process, one after another (`qat.train.main`, the trainer's own entry point; its output goes
 to `<cell>/train.log`), so the interpreter, the libraries and the tokenized data (memoized by qat.data) are paid
-for once, not per cell. Resumable: a cell whose `result.json` and `final/` exist is skipped. Outputs in `out`:
+for once, not per cell. Resumable: a cell whose `result.json` exists is skipped (that small file is all a finished
+cell needs, so committing the `result.json` files carries a study over to another machine; with
+`set=[train.resume=auto]` an interrupted cell continues from its last checkpoint). Outputs in `out`:
 `results.jsonl` (one line per cell), `report.md` (the table, with the corpus, metric, direction and recovery
 definition) and `pareto.png` (held-out metric vs weights-file size, one panel per family).
 """
@@ -77,6 +79,7 @@ class AblateConfig:
     heldout_rows: int = 128  # windows scored (validation and held-out)
     heldout_seq_len: int = 256
     set: list[str] = field(default_factory=list)  # extra recipe overrides for every cell
+    report_only: bool = False  # rebuild results.jsonl, report.md, pareto.png from the finished cells; run nothing
 
     def __post_init__(self) -> None:
         if self.recipe:
@@ -214,9 +217,11 @@ def run(cfg: AblateConfig) -> Path:
         for i, c in enumerate(grid):
             cell = out / recipe_name / c.name
             done = cell / "result.json"
-            if done.is_file() and (cell / "final" / "quantization.json").is_file():
+            if done.is_file():  # written last, after the artifact was measured: the cell is complete
                 rows.append(json.loads(done.read_text()))
                 print(f"[{i + 1}/{len(grid)}] {recipe_name}/{c.name}: done earlier", flush=True)
+                continue
+            if cfg.report_only:
                 continue
             cell.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
@@ -239,6 +244,8 @@ def run(cfg: AblateConfig) -> Path:
 
 
 def write(rows: list[dict], out: Path) -> None:
+    if not rows:
+        return
     with (out / "results.jsonl").open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -131,6 +131,9 @@ def test_ablate_end_to_end_both_families(tmp_path):
     assert (out / "pareto.png").stat().st_size > 1000
     again = main(args)  # every cell is skipped
     assert [json.loads(x) for x in (again / "results.jsonl").open()] == rows
+    (out / "report.md").unlink()
+    main([*args, "report_only=true"])  # the report rebuilt from the cells' result.json alone
+    assert (out / "report.md").read_text() == report
 
 
 def test_repeated_diffusion_samples_differ(tmp_path, data_paths):
