@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import statistics
 import sys
@@ -136,7 +137,11 @@ def train_cell(recipe: str, out_dir: Path, overrides: list[str], log: Path) -> N
     argv = [f"recipe={recipe}", f"out_dir={out_dir}", *overrides]
     from accelerate.state import AcceleratorState, GradientState
 
+    root = logging.getLogger()
     with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        handler, level = logging.StreamHandler(f), root.level  # the trainer's log lines go to this cell's log,
+        root.addHandler(handler)  # not to a handler left bound to an earlier cell's (closed) file
+        root.setLevel(logging.INFO)
         try:
             train.main(argv)
             code = 0
@@ -145,6 +150,8 @@ def train_cell(recipe: str, out_dir: Path, overrides: list[str], log: Path) -> N
         finally:  # accelerate keeps process-wide singletons: the next cell starts from a clean slate
             AcceleratorState._reset_state(True)
             GradientState._reset_state()
+            root.removeHandler(handler)
+            root.setLevel(level)
     if code:
         raise RuntimeError(f"training cell failed (exit {code}): qat/train.py {' '.join(argv)}; see {log}")
 
@@ -408,7 +415,8 @@ def pareto(rows: list[dict], key: str, corp: dict, path: Path) -> None:
         ax.set_xlabel("weights file (MiB)")
         ax.set_ylabel(f"{key} loss ({unit})" if lower_is_better(key) else key)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     if key in corp:
         fig.suptitle(f"PTQ vs QAT — {key}: {corp[key]}", fontsize=10)
     fig.tight_layout()
