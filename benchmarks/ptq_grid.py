@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = load_recipe([f"recipe={cfg.recipe}"])
     base, tok = load(recipe.model.path)
     family = recipe.model.family
-    rows = data.pack(data.load_documents(data.eval_source(recipe.data)), tok, recipe.train.seq_len)
-    ids = data.spread(rows, cfg.rows)
+    ids = data.windows(data.eval_source(recipe.data), tok, recipe.train.seq_len, cfg.rows)
 
     def score(model) -> float:
         return heldout_loss(model, ids, family, list(HELDOUT_RATIOS), batch_size=16)["loss"]

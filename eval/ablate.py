@@ -168,15 +168,6 @@ def latency_ms(model, vocab: int, tokens: int = 128, repeats: int = 3) -> float:
     return 1000 * statistics.median(times)
 
 
-def windows(source: DataConfig, tok, cfg: AblateConfig) -> torch.Tensor:
-    from qat import data
-
-    rows = data.pack(data.load_documents(source), tok, cfg.heldout_seq_len)
-    if len(rows) == 0:
-        raise RecipeError(f"{data.describe(source)} gives no window of {cfg.heldout_seq_len} tokens")
-    return data.spread(rows, cfg.heldout_rows)
-
-
 def corpora(recipe, cfg: AblateConfig) -> dict[str, DataConfig]:
     """{metric name: data source}: the recipe's validation split, and the held-out corpus."""
     from qat import data
@@ -187,6 +178,7 @@ def corpora(recipe, cfg: AblateConfig) -> dict[str, DataConfig]:
 
 def measure(final: Path, metric: str, sources: dict[str, DataConfig], cfg: AblateConfig) -> dict:
     """{metric: value} (+ bytes, latency) for one artifact."""
+    from qat import data
     from qat.models import family_of, load
     from qat.objectives import HELDOUT_RATIOS, heldout_loss
 
@@ -197,7 +189,7 @@ def measure(final: Path, metric: str, sources: dict[str, DataConfig], cfg: Ablat
     for name, source in sources.items():
         if name == "heldout" and metric == "passk":
             continue
-        ids = windows(source, tok, cfg)
+        ids = data.windows(source, tok, cfg.heldout_seq_len, cfg.heldout_rows)
         result[name] = heldout_loss(model, ids, family, list(HELDOUT_RATIOS), batch_size=16)["loss"]
     if metric == "passk":
         from eval.run import EvalConfig, evaluate

@@ -63,10 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, tok = load(cfg.checkpoint)
         dcfg = DataConfig(path=cfg.data, glob=cfg.glob, text_field=cfg.text_field, max_docs=cfg.max_docs,
                           split=cfg.split)  # fmt: skip
-        rows = data.pack(data.load_documents(dcfg), tok, cfg.seq_len)
-        if len(rows) == 0:
-            raise RecipeError(f"data={cfg.data} gives no window of {cfg.seq_len} tokens")
-    ids = data.spread(rows, cfg.max_rows)
+        ids = data.windows(dcfg, tok, cfg.seq_len, cfg.max_rows)
     result = {"checkpoint": cfg.checkpoint, "family": family, "data": cfg.data, "corpus": data.describe(dcfg),
               "windows": len(ids),
               "seq_len": cfg.seq_len, **heldout_loss(model, ids, family, cfg.ratios, cfg.seed, cfg.batch_size)}

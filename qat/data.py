@@ -222,6 +222,15 @@ def spread(rows: Dataset, k: int) -> torch.Tensor:
     return rows.select(idx)["input_ids"][:]
 
 
+def windows(cfg: DataConfig, tokenizer, seq_len: int, k: int) -> torch.Tensor:
+    """k windows of `seq_len` tokens spread over the packed documents of `cfg` (`spread`): the held-out sample every
+    measure uses (eval.heldout, the trainer's validation, the study). A source too short for one window is an error."""
+    rows = pack(load_documents(cfg), tokenizer, seq_len)
+    if len(rows) == 0:
+        raise RecipeError(f"{describe(cfg)} gives no window of {seq_len} tokens")
+    return spread(rows, k)
+
+
 ASSISTANT = "<|im_start|>assistant"
 
 

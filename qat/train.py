@@ -86,10 +86,7 @@ class Validation:
     @classmethod
     def build(cls, recipe: Recipe, tokenizer) -> Validation:
         src = data.eval_source(recipe.data)
-        rows = data.pack(data.load_documents(src), tokenizer, recipe.train.seq_len)
-        if len(rows) == 0:
-            raise RecipeError(f"validation data {data.describe(src)} gives no window of {recipe.train.seq_len} tokens")
-        ids = data.spread(rows, recipe.train.eval_rows)
+        ids = data.windows(src, tokenizer, recipe.train.seq_len, recipe.train.eval_rows)
         return cls(ids, recipe.model.family, recipe.quant.enabled, recipe.train.batch_size, data.describe(src))
 
     def __call__(self, model: torch.nn.Module) -> float:

@@ -216,7 +216,7 @@ def test_trainer_validation_start_every_end(tmp_path, capsys, _fresh_accelerate_
     from qat.objectives import HELDOUT_RATIOS, heldout_loss
 
     model, tok = load(tmp_path / "final")
-    ids = data.spread(data.pack(data.load_documents(data.eval_source(DataConfig())), tok, 64), 3)
+    ids = data.windows(data.eval_source(DataConfig()), tok, 64, 3)
     assert heldout_loss(model, ids, "coda", list(HELDOUT_RATIOS), batch_size=2)["loss"] == pytest.approx(
         result["final"], rel=1e-5)
 
@@ -304,7 +304,7 @@ def test_committed_base_loads_generates_and_scores_heldout_code(family):
     new = out[0, ids.shape[1]:]
     assert len(new) == 16 and (new != getattr(model.config, "mask_token_id", -1)).all()
     assert tok.decode(new).strip()  # real text, not only specials
-    heldout = data.spread(data.pack(data.load_documents(DataConfig(path="pkg:accelerate", split="all")), tok, 128), 8)
+    heldout = data.windows(DataConfig(path="pkg:accelerate", split="all"), tok, 128, 8)
     loss = heldout_loss(model, heldout, family, list(HELDOUT_RATIOS))["loss"]
     assert torch.isfinite(torch.tensor(loss)) and loss < 6.0  # trained: far below ln(8192) = 9.01
 
