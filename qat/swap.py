@@ -89,6 +89,18 @@ def set_fake_quant(model: nn.Module, on: bool) -> int:
     return len(mods)
 
 
+def rederive_scales(model: nn.Module) -> int:
+    """Re-initialise every static or learned quantizer grid from its current weight (RTN, MSE-clipped when
+    configured); returns how many. Used when delayed fake quant switches on: the grid fitted to the weights
+    before the float steps no longer fits the weights after them (dynamic grids follow the weight anyway)."""
+    n = 0
+    for _, m in fake_quant_modules(model):
+        if m.weight_quantizer.mode != "dynamic":
+            m.weight_quantizer.init_from(m.weight)
+            n += 1
+    return n
+
+
 @torch.no_grad()
 def quant_stats(
     model: nn.Module, previous: dict[str, Tensor] | None = None

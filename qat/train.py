@@ -56,7 +56,7 @@ from qat.config import Recipe, RecipeError, exit_on_error, flatten, load_recipe,
 from qat.export import save_artifact, size_report
 from qat.models import DTYPES, adapter, family_of
 from qat.ptq.pipeline import quantize_model
-from qat.swap import convert, fake_quant_modules, prepare, quant_stats, set_fake_quant
+from qat.swap import convert, fake_quant_modules, prepare, quant_stats, rederive_scales, set_fake_quant
 
 
 @dataclass
@@ -357,6 +357,11 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
     try:
         while state.step < stop_at:
             fq_on = state.step >= t.fake_quant_after
+            if fq_on and state.step == t.fake_quant_after > 0:  # delayed fake quant switches on: fit the grids anew
+                with gathered(unwrapped, modify=True):
+                    n = rederive_scales(unwrapped)
+                if n:
+                    say(f"step {state.step}: fake quant on; {n} grids re-derived from the trained weights")
             set_fake_quant(unwrapped, fq_on)
             lr = learning_rate(recipe, state.step)
             for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps inside the last one

@@ -122,6 +122,9 @@ def test_act_order_keeps_static_grouped_grid(symmetric, mse):
     assert res.weight.dtype == torch.float32 and res.weight.shape == w.shape
     assert torch.equal(quant.dequantize(codes(res.weight, res, cfg), res.scale, res.zero), res.weight)
     assert not torch.equal(res.weight, rtn(w, res, cfg))  # GPTQ moved some codes
+    # the latent (pre-rounding, error-compensated) values round to exactly the solution's codes
+    assert torch.equal(codes(res.latent, res, cfg), codes(res.weight, res, cfg))
+    assert not torch.equal(res.latent, res.weight) and not torch.equal(res.latent, w)
 
 
 def test_given_grid_is_used_exactly():

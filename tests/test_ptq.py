@@ -97,10 +97,13 @@ def test_qat_starts_exactly_at_the_gptq_solution(tmp_path):
             wq = m.weight_quantizer
             s, z = quant.minmax_qparams(original[n], 3, wq.n_groups, symmetric=False)
             assert torch.equal(wq.scale, s) and torch.equal(wq.zero_point, z), n
-            on_grid = quant.dequantize(quant.quantize(m.weight, s, z, 3, False), s, z)
-            assert torch.equal(on_grid, m.weight.float()), n  # the weight is the solution itself
-            rtn = quant.dequantize(quant.quantize(original[n], s, z, 3, False), s, z)
-            moved += int((rtn != m.weight).sum())
+            codes = quant.quantize(m.weight.float(), s, z, 3, False)
+            unclamped = torch.round(quant.grouped(m.weight.float(), wq.n_groups) / s.unsqueeze(-1)) + z.unsqueeze(-1)
+            assert unclamped.min() >= 0 and unclamped.max() <= 7, n  # inside the range: the STE passes gradients
+            # the latent weight is GPTQ's pre-rounding value: it rounds to the solution but is not on the grid
+            assert not torch.equal(quant.dequantize(codes, s, z), m.weight.float()), n
+            rtn = quant.quantize(original[n], s, z, 3, False)
+            moved += int((rtn != codes).sum())
     assert moved > 0  # GPTQ moved weights off their nearest grid points
 
 

@@ -212,6 +212,29 @@ def test_delayed_fake_quant_and_frozen_teacher(tmp_path):
     assert tags["train/kd_loss"][0][1] == pytest.approx(0.0, abs=1e-6)  # float student = frozen float teacher at step 0
 
 
+def test_delayed_fake_quant_rederives_the_grids(tmp_path, monkeypatch):
+    """When fake quant switches on after float steps, every grid is fitted anew to the weights as they are then
+    (the grid of the starting weights no longer fits them), once, at that step."""
+    from qat import quant, swap
+
+    calls = []
+
+    def spy(model):
+        fqs = [m for _, m in swap.fake_quant_modules(model)]
+        fitted = [quant.rtn_qparams(m.weight, 4, m.weight_quantizer.n_groups, m.weight_quantizer.symmetric)[0]
+                  for m in fqs]  # fmt: skip
+        stale = sum(not torch.equal(m.weight_quantizer.scale, s) for m, s in zip(fqs, fitted, strict=True))
+        n = swap.rederive_scales(model)
+        calls.append((n, stale, all(torch.equal(m.weight_quantizer.scale, s) for m, s in zip(fqs, fitted, strict=True))))
+        return n
+
+    monkeypatch.setattr(train, "rederive_scales", spy)
+    run(tmp_path, "train.steps=3", "train.fake_quant_after=2", "train.lr=1e-2", "train.warmup=0")
+    assert len(calls) == 1
+    n, stale, fitted = calls[0]
+    assert n == 14 and stale > 0 and fitted  # the float steps moved the weights; the grids now fit them
+
+
 def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     real, calls = train.compute_loss, []
 

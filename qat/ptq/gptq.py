@@ -33,6 +33,12 @@ first, while many columns remain to absorb their error); each column is still ro
 original group. The result is therefore an ordinary grouped layout (no g_idx) that FakeQuantLinear,
 QuantizedLinear and packing use unchanged, and it lies exactly on the grid of the returned (scale, zero).
 
+Latent weights for QAT. `latent` holds, per column, the value GPTQ rounded: the original weight plus the
+compensation folded in from earlier columns. It rounds to exactly the GPTQ codes (same formula, same scale),
+so a fake-quant layer whose latent weight it is computes the GPTQ solution bit for bit; unlike the codes, it
+keeps how far each weight sits from its rounding boundary, which is what straight-through training moves. A
+latent weight started on a grid point must travel half a step before any code changes (LOG.md, issue 9).
+
 Dampening. H += damp · mean(diag H) · I keeps H positive definite when the calibration data does not span
 every input direction; being relative, it makes the result independent of H's overall scale. If a Cholesky
 still fails, damp is multiplied by 10 and the factorisation retried (up to DAMP_TRIES times).
@@ -62,6 +68,7 @@ DAMP_FROM_ZERO = 1e-4  # the first retry's damp when the caller asked for none (
 @dataclass
 class GPTQResult:
     weight: Tensor  # [out, in] float32, exactly on the grid of (scale, zero)
+    latent: Tensor  # [out, in] float32: the error-compensated values the codes were rounded from (see below)
     scale: Tensor  # [out, n_groups] float32
     zero: Tensor | None  # [out, n_groups] float32 holding integers; None when symmetric
     loss: float  # GPTQ proxy loss Σ (w − q)² / U_ii² / 2 over all weights
@@ -148,7 +155,7 @@ def gptq_solve(
         col_zero = None if col_zero is None else col_zero[:, perm]
 
     U, damp = _inverse_cholesky(H, damp)
-    Q = torch.empty_like(W)
+    Q, latent = torch.empty_like(W), torch.empty_like(W)
     losses = torch.zeros(out_f, dtype=torch.float32, device=dev)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -158,7 +165,7 @@ def gptq_solve(
             c = slice(i1 + i, i1 + i + 1)
             z = None if col_zero is None else col_zero[:, c]
             q = quant.dequantize(quant.quantize(W1[:, i : i + 1], col_scale[:, c], z, bits, sym), col_scale[:, c], z)
-            Q[:, c] = q
+            Q[:, c], latent[:, c] = q, W1[:, i : i + 1]
             err = (W1[:, i] - q[:, 0]) / U1[i, i]
             losses += err.square() / 2
             W1[:, i + 1 :] -= torch.outer(err, U1[i, i + 1 :])  # OBS update of the rest of the block
@@ -166,8 +173,9 @@ def gptq_solve(
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy: the whole block's updates to later columns in one GEMM
 
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return GPTQResult(Q, scale, zero, float(losses.sum()), damp)
+        inv = torch.argsort(perm)
+        Q, latent = Q[:, inv], latent[:, inv]
+    return GPTQResult(Q, latent, scale, zero, float(losses.sum()), damp)
 
 
 def _inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:

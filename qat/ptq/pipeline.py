@@ -19,9 +19,10 @@ float pass to measure every linear's Hessian sensitivity at each of `quant.mixed
 to meet the average (qat/ptq/mixed.py), then quantizes as above with those per-module bits.
 
 The solution is kept as quantizer state: each linear becomes a FakeQuantLinear whose scales and zero points
-are the PTQ solution's and whose weight is the solution itself (GPTQ: the updated weights, exactly on the grid),
-so the prepared model computes the PTQ model bit for bit and QAT starts exactly where PTQ ended. (Re-deriving
-scales from GPTQ-updated weights would re-round them and lose the GPTQ gain.)
+are the PTQ solution's and whose weight rounds to the solution (GPTQ: the error-compensated values its codes were
+rounded from, qat/ptq/gptq.py *Latent weights*), so the prepared model computes the PTQ model bit for bit and QAT
+starts exactly where PTQ ended. (Re-deriving scales from GPTQ-updated weights would re-round them and lose the
+GPTQ gain.)
 
 Reported per decoder layer: the relative error of the layer's contribution (output − input) on the calibration
 inputs, ‖f_q(h) − f(h)‖² / ‖f(h) − h‖², for the method and for plain RTN of the same float layer on the same
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from qat import quant
 from qat.config import QuantConfig, Recipe
 from qat.modules import FakeQuantLinear
 from qat.ptq import awq, gptq, mixed
@@ -125,12 +127,28 @@ def _gptq(layer: nn.Module, linears: dict[str, nn.Linear], cfgs: dict[str, Quant
             res = gptq.gptq_solve(m.weight.detach(), hessians[n], cfgs[n], block_size=q.gptq_block,
                                   damp=q.gptq_damp, act_order=q.act_order)  # fmt: skip
             with torch.no_grad():
-                m.weight.copy_(res.weight.to(m.weight.dtype))
+                m.weight.copy_(_latent(res, cfgs[n], m.weight.dtype))
                 fq = FakeQuantLinear.from_linear(m, cfgs[n])
                 fq.weight_quantizer.scale.copy_(res.scale)  # the solution's own grid, not re-derived from Q
                 if res.zero is not None:
                     fq.weight_quantizer.zero_point.copy_(res.zero)
             replace_module(layer, n, fq)
+
+
+def _latent(res: gptq.GPTQResult, cfg: QuantConfig, dtype: torch.dtype) -> Tensor:
+    """The latent weight QAT continues from: GPTQ's pre-rounding values (gptq.py, *Latent weights*), pulled into
+    the grid's range (a value beyond it would get no clipped-STE gradient), in `dtype`; wherever the cast would
+    change a code, the grid point itself. Rounds to exactly GPTQ's codes, so the layer computes GPTQ's solution."""
+    lo, hi = quant.int_range(cfg.bits, cfg.symmetric)
+    n_groups = res.scale.shape[1]
+    z = 0.0 if res.zero is None else res.zero.unsqueeze(-1)
+    s = res.scale.unsqueeze(-1)
+    lat = quant.grouped(res.latent, n_groups)
+    lat = torch.maximum(torch.minimum(lat, (hi - z) * s), (lo - z) * s).view_as(res.latent).to(dtype)
+    on_grid = res.weight.to(dtype)
+    same = quant.quantize(lat.float(), res.scale, res.zero, cfg.bits, cfg.symmetric) == quant.quantize(
+        on_grid.float(), res.scale, res.zero, cfg.bits, cfg.symmetric)
+    return torch.where(same, lat, on_grid)
 
 
 def _awq(layer: nn.Module, linears: dict[str, nn.Linear], cfgs: dict[str, QuantConfig], inputs: LayerInputs,
