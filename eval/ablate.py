@@ -14,9 +14,9 @@
                    and plain cross-entropy (`quant.bits=16 train.kd=0`): what training alone gives, so QAT is not
                    credited with it; one cell per seed
     rtn|gptq|awq   PTQ at each width (`quant.init=M train.steps=0`)
-    qat            QAT at each width from the recipe's own init (usually rtn); every seed at `seed_bits`, seed 0
-                   elsewhere
-    qat-gptq       QAT from the GPTQ solution (`quant.init=gptq`, frozen teacher when distilling), seed 0
+    qat            QAT at each width from the recipe's own init (usually rtn)
+    qat-gptq       QAT from the GPTQ solution (`quant.init=gptq`, frozen teacher when distilling)
+                   (both QAT methods: every seed at `seed_bits`, seed 0 elsewhere)
 
 Metrics per cell (`metric=heldout`, the tiny models' metric, which solve no HumanEval problem; `auto` picks it
 below 50M parameters): `validation`, the held-out loss (eval.heldout's definition: NLL per token, or masked-token
@@ -71,7 +71,7 @@ class AblateConfig:
     bits: list[int] = field(default_factory=lambda: [8, 4, 3, 2])
     methods: list[str] = field(default_factory=lambda: ["rtn", "gptq", "awq", "qat", "qat-gptq"])
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # ft and qat seeds (train.seed)
-    seed_bits: list[int] = field(default_factory=lambda: [4, 2])  # widths where qat runs every seed
+    seed_bits: list[int] = field(default_factory=lambda: [4, 2])  # widths where qat and qat-gptq run every seed
     metric: str = "auto"  # auto | passk | heldout
     out: str = ""
     limit: int = 0  # passk: first N problems per task
@@ -108,7 +108,7 @@ class Cell:
 def cells(cfg: AblateConfig) -> list[Cell]:
     """The grid of one recipe, in run order."""
     out = [Cell("base", "base", 16, cfg.seeds[0], ["quant.bits=16", "train.steps=0"])]
-    out += [Cell(f"ft-s{s}", "ft", 16, s, ["quant.bits=16", "train.kd=0", f"train.seed={s}"]) for s in cfg.seeds]
+    out += [Cell(f"ft-s{s}", "ft", 16, s, ["quant.bits=16", "train.kd=0", "train.kd_hidden=0", f"train.seed={s}"]) for s in cfg.seeds]
     for b in cfg.bits:
         for m in cfg.methods:
             if m in PTQ:
@@ -116,7 +116,7 @@ def cells(cfg: AblateConfig) -> list[Cell]:
                                                                    "train.steps=0"]))  # fmt: skip
                 continue
             over = [f"quant.bits={b}"] + (["quant.init=gptq", "train.kd_teacher=frozen"] if m == "qat-gptq" else [])
-            seeds = cfg.seeds if m == "qat" and b in cfg.seed_bits else cfg.seeds[:1]
+            seeds = cfg.seeds if b in cfg.seed_bits else cfg.seeds[:1]
             out += [Cell(f"{m}-w{b}-s{s}", m, b, s, [*over, f"train.seed={s}"]) for s in seeds]
     return out
 

@@ -192,6 +192,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     kd: float = 0.0  # distillation weight: loss = (1 - kd) * CE + kd * T² * KL(teacher ‖ student)
     kd_temperature: float = 1.0
+    kd_hidden: float = 0.0  # + kd_hidden · mean relative hidden-state error per layer vs the teacher (objectives)
     kd_teacher: str = "self"  # self: same weights, fake quant off (no copy) | frozen: a frozen copy of the start
     fake_quant_after: int = 0  # delayed fake quant: train in float for this many steps first
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
@@ -205,6 +206,11 @@ class TrainConfig:
     eval_every: int = 0  # validation loss (eval.heldout's metric) every N steps, at start and end; 0 = off
     eval_rows: int = 64  # validation windows of seq_len tokens (the first N of data.eval_path / validation split)
 
+    @property
+    def distills(self) -> bool:
+        """Whether training needs a teacher (logit or hidden-state distillation)."""
+        return self.kd > 0 or self.kd_hidden > 0
+
     def __post_init__(self) -> None:
         for k in ("steps", "warmup", "fake_quant_after", "save_every", "stop_after", "eval_every"):
             _check(getattr(self, k) >= 0, f"train.{k} must be >= 0, got {getattr(self, k)}")
@@ -213,6 +219,7 @@ class TrainConfig:
         for k in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints", "eval_rows"):
             _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
         _check(0.0 <= self.kd <= 1.0, f"train.kd must be in [0, 1], got {self.kd}")
+        _check(self.kd_hidden >= 0, f"train.kd_hidden must be >= 0, got {self.kd_hidden}")
         _check(self.kd_temperature > 0, f"train.kd_temperature must be > 0, got {self.kd_temperature}")
         _check(
             self.kd_teacher in ("self", "frozen"),
@@ -237,7 +244,7 @@ class Recipe:
     def __post_init__(self) -> None:
         q, t = self.quant, self.train
         _check(
-            not (q.init == "gptq" and q.enabled and t.kd > 0 and t.kd_teacher == "self"),
+            not (q.init == "gptq" and q.enabled and t.distills and t.kd_teacher == "self"),
             "quant.init=gptq rewrites the weights onto the grid, so the 'self' teacher (fake quant off) would be "
             "the quantized model: use train.kd_teacher=frozen",
         )

@@ -182,6 +182,17 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, ex: Example, tempera
     return (kl * w).sum() / ex.norm * t2
 
 
+def hidden_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...]) -> Tensor:
+    """Mean over decoder layers of ‖h_s − h_t‖² / ‖h_t‖², all positions: the relative error of each layer's
+    output against the teacher's on the same inputs (HF `hidden_states`; index 0, the embeddings, is skipped).
+    Intermediate-layer distillation (TernaryBERT, Zhang et al. 2020) gives every layer its own dense target
+    instead of one KL at the end, which is what few-step low-bit QAT lacks; on the student's own inputs,
+    so a layer also learns to correct the errors of the quantized layers before it."""
+    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
+             for s, t in zip(student[1:], teacher[1:], strict=True)]  # fmt: skip
+    return torch.stack(terms).mean()
+
+
 # The held-out metric (eval.heldout, the trainer's validation): AR NLL per token; diffusion masked-token NLL
 # averaged over this grid of mask ratios, with fixed masks.
 HELDOUT_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -273,7 +273,7 @@ def train(recipe: Recipe) -> Path:
     model, tokenizer = load_model(recipe)  # on every rank at once: ZeRO-3 initialisation is collective
     model.config.use_cache = False
     teacher = None
-    if recipe.train.kd > 0 and recipe.train.kd_teacher == "frozen":
+    if recipe.train.distills and recipe.train.kd_teacher == "frozen":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
     val = None
     if recipe.train.eval_every:
@@ -425,22 +425,28 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
 
 def compute_loss(recipe: Recipe, model, unwrapped, teacher, batch: dict, fq_on: bool, rng: torch.Generator):
     """(loss, {log tag: value}) for one micro-batch: the family's loss (next-token CE for qwen3, masked-diffusion
-    CE for coda, see qat/objectives.py), mixed with distillation on the same inputs when train.kd > 0."""
+    CE for coda, see qat/objectives.py), mixed with distillation on the same inputs when train.kd > 0, plus
+    hidden-state distillation when train.kd_hidden > 0."""
     t = recipe.train
     ex = objectives.example(recipe.model.family, batch, unwrapped.config, recipe.diffusion, rng)
-    logits = model(input_ids=ex.inputs).logits
-    ce = objectives.ce_loss(logits, ex)
-    if t.kd == 0:
+    hidden = t.kd_hidden > 0
+    out = model(input_ids=ex.inputs, output_hidden_states=hidden)
+    ce = objectives.ce_loss(out.logits, ex)
+    if not t.distills:
         return ce, {}
     with torch.no_grad():
         if teacher is not None:
-            t_logits = teacher(input_ids=ex.inputs).logits
+            t_out = teacher(input_ids=ex.inputs, output_hidden_states=hidden)
         else:  # the same weights with fake quant off: the float model the student is being pulled towards
             set_fake_quant(unwrapped, False)
-            t_logits = model(input_ids=ex.inputs).logits
+            t_out = model(input_ids=ex.inputs, output_hidden_states=hidden)
             set_fake_quant(unwrapped, fq_on)
-    kd = objectives.kd_loss(logits, t_logits, ex, t.kd_temperature)
-    return (1 - t.kd) * ce + t.kd * kd, {"train/ce_loss": ce.detach(), "train/kd_loss": kd.detach()}
+    kd = objectives.kd_loss(out.logits, t_out.logits, ex, t.kd_temperature)
+    loss, parts = (1 - t.kd) * ce + t.kd * kd, {"train/ce_loss": ce.detach(), "train/kd_loss": kd.detach()}
+    if hidden:
+        h = objectives.hidden_loss(out.hidden_states, t_out.hidden_states)
+        loss, parts["train/hidden_loss"] = loss + t.kd_hidden * h, h.detach()
+    return loss, parts
 
 
 def partitioned(model: torch.nn.Module) -> bool:

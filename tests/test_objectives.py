@@ -124,3 +124,13 @@ def test_noise_is_a_function_of_its_keys():
     b = diffusion_example(x, MASK, generator=objectives.noise_generator("cpu", 0, 0, 5, 1))
     c = diffusion_example(x, MASK, generator=objectives.noise_generator("cpu", 0, 1, 5, 1))  # another rank
     assert torch.equal(a.inputs, b.inputs) and not torch.equal(a.inputs, c.inputs)
+
+
+def test_hidden_loss_is_the_mean_relative_layer_error_without_embeddings():
+    g = torch.Generator().manual_seed(0)
+    teacher = tuple(torch.randn(2, 5, 8, generator=g) for _ in range(4))
+    assert objectives.hidden_loss(teacher, teacher).item() == 0.0
+    noise = [torch.randn(2, 5, 8, generator=g) for _ in range(4)]
+    student = (teacher[0] + 100.0, *(t + n for t, n in zip(teacher[1:], noise[1:], strict=True)))  # embeddings ignored
+    want = sum((n.pow(2).sum() / t.pow(2).sum()).item() for t, n in zip(teacher[1:], noise[1:], strict=True)) / 3
+    assert objectives.hidden_loss(student, teacher).item() == pytest.approx(want, rel=1e-6)

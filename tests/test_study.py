@@ -179,6 +179,7 @@ def test_cells_seed_and_ft_arms():
     names = [c.name for c in grid]
     assert names[:3] == ["base", "ft-s0", "ft-s1"]
     assert {"qat-w4-s0", "qat-w4-s1", "qat-w2-s1", "qat-w8-s0"} <= set(names) and "qat-w8-s1" not in names
+    assert {"qat-gptq-w4-s1", "qat-gptq-w2-s1", "qat-gptq-w3-s0"} <= set(names) and "qat-gptq-w3-s1" not in names
     ft = next(c for c in grid if c.name == "ft-s1")
     assert "train.kd=0" in ft.overrides and "quant.bits=16" in ft.overrides and "train.seed=1" in ft.overrides
     assert len({c.name for c in grid}) == len(grid)

@@ -206,10 +206,13 @@ def test_deepspeed_zero3_gptq_ptq_equals_one_process(tmp_path):
 
 
 def test_delayed_fake_quant_and_frozen_teacher(tmp_path):
-    run(tmp_path, "train.steps=3", "train.fake_quant_after=2", "train.kd=0.3", "train.kd_teacher=frozen")
+    run(tmp_path, "train.steps=3", "train.fake_quant_after=2", "train.kd=0.3", "train.kd_teacher=frozen",
+        "train.kd_hidden=1")  # fmt: skip
     tags = scalars(tmp_path / "logs")
     assert [v for _, v in tags["train/fake_quant"]] == [0.0, 0.0, 1.0]
     assert tags["train/kd_loss"][0][1] == pytest.approx(0.0, abs=1e-6)  # float student = frozen float teacher at step 0
+    hidden = [v for _, v in tags["train/hidden_loss"]]
+    assert hidden[0] == pytest.approx(0.0, abs=1e-6) and hidden[2] > 0  # layers differ once fake quant is on
 
 
 def test_delayed_fake_quant_rederives_the_grids(tmp_path, monkeypatch):
