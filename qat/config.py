@@ -219,6 +219,8 @@ class TrainConfig:
         for k in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints", "eval_rows"):
             _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
         _check(0.0 <= self.kd <= 1.0, f"train.kd must be in [0, 1], got {self.kd}")
+        if self.mixed_precision in (False, "False"):  # YAML reads a bare `no` as false (OmegaConf: "False")
+            self.mixed_precision = "no"
         _check(self.kd_hidden >= 0, f"train.kd_hidden must be >= 0, got {self.kd_hidden}")
         _check(self.kd_temperature > 0, f"train.kd_temperature must be > 0, got {self.kd_temperature}")
         _check(

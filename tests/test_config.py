@@ -70,3 +70,7 @@ def test_cli_errors_exit_2_with_one_line(args, match, tmp_path):
     assert "Traceback" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and match in errors[0]
+
+
+def test_mixed_precision_no_on_the_command_line():
+    assert load_recipe(["recipe=micro_qwen3_int4", "train.mixed_precision=no"]).train.mixed_precision == "no"
