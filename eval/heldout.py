@@ -49,6 +49,15 @@ class HeldoutConfig:
     seed: int = 0
     out: str = ""
 
+    def __post_init__(self) -> None:
+        for k, least in (("max_rows", 1), ("batch_size", 1), ("seq_len", 2)):
+            if getattr(self, k) < least:
+                raise RecipeError(f"{k} must be >= {least}, got {getattr(self, k)}")
+        if self.max_docs < 0:
+            raise RecipeError(f"max_docs must be >= 0, got {self.max_docs}")
+        if not self.ratios or not all(0 < r <= 1 for r in self.ratios):
+            raise RecipeError(f"ratios must be mask ratios in (0, 1], got {self.ratios}")
+
 
 def main(argv: list[str] | None = None) -> dict:
     from qat.models import family_of, load

@@ -81,6 +81,10 @@ class EvalConfig:
         for k in ("n", "batch_size", "max_new_tokens", "workers"):
             if getattr(self, k) < 1:
                 raise RecipeError(f"{k} must be >= 1, got {getattr(self, k)}")
+        unknown = [t for t in self.tasks if t not in tasks.NAMES]
+        if unknown or not self.tasks:
+            raise RecipeError(f"unknown tasks {unknown} (known: {', '.join(tasks.NAMES)})" if unknown else
+                              "tasks must name at least one task")  # fmt: skip
         if self.n > 1 and self.temperature == 0:
             raise RecipeError("n > 1 samples need temperature > 0 (greedy samples are all the same)")
 
@@ -258,10 +262,13 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    with exit_on_error(FileNotFoundError):
+    with exit_on_error(FileNotFoundError, OSError):  # OSError: a hub id that cannot be resolved
         cfg = parse_cli(EvalConfig, sys.argv[1:] if argv is None else argv)
-        if cfg.checkpoint and not Path(cfg.checkpoint).is_dir() and cfg.checkpoint.count("/") != 1:
-            raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such directory")
+        if cfg.checkpoint:
+            from qat.models import check_path, family_of
+
+            check_path(cfg.checkpoint, "checkpoint")
+            family_of(cfg.checkpoint)
     summary = evaluate(cfg)
     for task, s in summary["tasks"].items():
         ks = "  ".join(f"{k} {v:.4f}" for k, v in s.items() if k.startswith("pass@"))

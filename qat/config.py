@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -276,6 +277,18 @@ def _one_line(e: Exception) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
+def _dotlist(args: list[str]):
+    """`a.b=value` arguments as an OmegaConf node; a value YAML cannot read is a RecipeError naming it."""
+    for a in args:
+        try:
+            OmegaConf.from_dotlist([a])
+        except yaml.YAMLError as e:
+            what = getattr(e, "problem", None) or type(e).__name__
+            raise RecipeError(f"cannot read {a!r} ({what}): quote values that YAML treats specially, "
+                              "e.g. \"quant.skip=['*embed*']\"") from None  # fmt: skip
+    return OmegaConf.from_dotlist(args)
+
+
 def load_recipe(argv: Sequence[str] = ()) -> Recipe:
     """Resolve `["recipe=NAME", "a.b=value", ...]` into a validated Recipe; raises RecipeError."""
     args = list(argv)
@@ -292,7 +305,7 @@ def load_recipe(argv: Sequence[str] = ()) -> Recipe:
             if "name" not in files[-1]:
                 files[-1].name = Path(name).stem  # a parent's name never leaks into its children
             layers += files
-        layers.append(OmegaConf.from_dotlist(args))
+        layers.append(_dotlist(args))
         cfg = OmegaConf.merge(*layers)
         return OmegaConf.to_object(cfg)
     except RecipeError:
@@ -305,7 +318,7 @@ def load_recipe(argv: Sequence[str] = ()) -> Recipe:
 def parse_cli(schema: type, argv: Sequence[str]) -> Any:
     """`key=value` arguments onto a dataclass schema (the eval entry points); any failure is a RecipeError."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(argv))))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), _dotlist(list(argv))))
     except RecipeError:
         raise
     except (OmegaConfBaseException, ValueError, TypeError) as e:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from qat import quant
-from qat.config import QuantConfig
+from qat.config import QuantConfig, RecipeError
 from qat.modules import FakeQuantLinear, QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -52,18 +52,26 @@ def module_config(cfg: QuantConfig, name: str, bits: dict[str, int] | None = Non
     return cfg
 
 
+def check_group_size(model: nn.Module, cfg: QuantConfig) -> None:
+    """A RecipeError naming the first selected linear whose input width `quant.group_size` does not divide."""
+    if not cfg.enabled or cfg.group_size == -1:
+        return
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear and not skipped(name, list(cfg.skip)) and m.in_features % cfg.group_size:
+            raise RecipeError(f"quant.group_size={cfg.group_size} does not divide the input width {m.in_features} "
+                              f"of {name}; use a divisor of it, or -1 (one group per output channel)")  # fmt: skip
+
+
 def prepare(model: nn.Module, cfg: QuantConfig, bits: dict[str, int] | None = None) -> nn.Module:
     """Swap the selected linears for FakeQuantLinear (no-op when cfg.bits == 16). `bits` overrides the bit
     width per module name (mixed precision, see qat/ptq/mixed.py)."""
     if not cfg.enabled:
         return model
+    check_group_size(model, cfg)
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     chosen = [(n, m) for n, m in linears if not skipped(n, list(cfg.skip))]
     for name, mod in chosen:
-        try:
-            replace_module(model, name, FakeQuantLinear.from_linear(mod, module_config(cfg, name, bits)))
-        except ValueError as e:  # group size vs in_features
-            raise ValueError(f"cannot quantize {name}: {e}") from None
+        replace_module(model, name, FakeQuantLinear.from_linear(mod, module_config(cfg, name, bits)))
     log.info(
         "prepare: swapped %d/%d linears to %s-bit fake quant (group %d)",
         len(chosen),

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from qat import data, objectives
 from qat.config import Recipe, RecipeError, exit_on_error, flatten, load_recipe, save_recipe
 from qat.export import save_artifact, size_report
-from qat.models import DTYPES, adapter, family_of
+from qat.models import DTYPES, adapter, check_path, family_of
 from qat.ptq.pipeline import quantize_model
 from qat.swap import convert, fake_quant_modules, prepare, quant_stats, rederive_scales, set_fake_quant
 
@@ -234,11 +234,6 @@ def find_resume(recipe: Recipe) -> Path | None:
     return path
 
 
-def check_model_path(recipe: Recipe) -> None:
-    p = recipe.model.path
-    looks_local = p.startswith((".", "/", "~")) or Path(p).exists() or p.count("/") != 1
-    if looks_local and not Path(p).expanduser().is_dir():
-        raise FileNotFoundError(f"model.path={p}: no such directory (and not a hub id of the form org/name)")
 
 
 def load_model(recipe: Recipe):
@@ -504,7 +499,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         with exit_on_error(FileNotFoundError):  # user errors: one line, exit code 2
             recipe = load_recipe(sys.argv[1:] if argv is None else argv)
-            check_model_path(recipe)
+            check_path(recipe.model.path)
             return train(recipe)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)

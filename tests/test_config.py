@@ -49,27 +49,42 @@ def test_bad_input_is_a_recipe_error(argv, match):
         load_recipe(argv)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "qat/train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+def run_cli(*args: str, entry: tuple[str, ...] = ("qat/train.py",)) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *entry, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+TRAIN, RUN, HELDOUT, ABLATE = ("qat/train.py",), ("-m", "eval.run"), ("-m", "eval.heldout"), ("-m", "eval.ablate")
+MICRO = "checkpoints/micro-qwen3"
 
 
 @pytest.mark.parametrize(
-    "args,match",
+    "entry,args,match",
     [
-        (["recipe=nope"], "unknown recipe"),
-        (["recipe=tiny_qwen3_int4", "train.lrr=1"], "lrr"),
-        (["recipe=tiny_qwen3_int4", "quant.bits=5"], "quant.bits"),
-        (["recipe=tiny_qwen3_int4", "model.path=/no/such/model"], "model.path=/no/such/model"),
+        (TRAIN, ["recipe=nope"], "unknown recipe"),
+        (TRAIN, ["recipe=tiny_qwen3_int4", "train.lrr=1"], "lrr"),
+        (TRAIN, ["recipe=tiny_qwen3_int4", "quant.bits=5"], "quant.bits"),
+        (TRAIN, ["recipe=tiny_qwen3_int4", "model.path=/no/such/model"], "model.path=/no/such/model"),
+        (TRAIN, ["recipe=micro_qwen3_int4", "quant.skip=[*embed*]"], "quote values"),  # a YAML alias, unquoted
+        (TRAIN, ["recipe=micro_qwen3_int4", "quant.group_size=7", "train.steps=0"], "does not divide"),
+        (TRAIN, ["recipe=micro_qwen3_int4", "quant.group_size=7", "quant.init=gptq", "train.steps=0"],
+         "does not divide"),
+        (RUN, ["checkpoint=/nonexistent"], "checkpoint=/nonexistent: no such directory"),
+        (RUN, [f"checkpoint={MICRO}", "tasks=[nosuch]"], "unknown tasks ['nosuch']"),
+        (RUN, [f"checkpoint={MICRO}", "n=0"], "n must be >= 1"),
+        (HELDOUT, [f"checkpoint={MICRO}", "max_rows=0"], "max_rows must be >= 1"),
+        (HELDOUT, ["checkpoint=/nonexistent"], "no such directory"),
+        (HELDOUT, [f"checkpoint={MICRO}", "data=/no/such/corpus"], "/no/such/corpus"),
+        (ABLATE, ["recipe=nope"], "unknown recipe"),
+        (ABLATE, ["recipe=micro_qwen3_int4", "methods=[qlora]"], "unknown methods"),
     ],
-)
-def test_cli_errors_exit_2_with_one_line(args, match, tmp_path):
-    p = run_cli(*args, f"out_dir={tmp_path}")
-    assert p.returncode == 2, p.stderr
+)  # fmt: skip
+def test_cli_errors_exit_2_with_one_line(entry, args, match, tmp_path):
+    out = [f"out_dir={tmp_path}"] if entry == TRAIN else []
+    p = run_cli(*args, *out, entry=entry)
+    assert p.returncode == 2, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and match in errors[0]
+    assert len(errors) == 1 and match in errors[0], errors
 
 
 def test_mixed_precision_no_on_the_command_line():

@@ -107,6 +107,31 @@ def test_qat_starts_exactly_at_the_gptq_solution(tmp_path):
     assert moved > 0  # GPTQ moved weights off their nearest grid points
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [["quant.init=awq", "quant.bits=3", "quant.symmetric=false"],
+     ["quant.init=gptq", "quant.bits=3.5", "quant.mixed_choices=[2,3,4]"],
+     ["quant.init=rtn", "quant.bits=3.5", "quant.skip=['*embed*']"],  # lm_head quantized, inside the bit budget
+     ["quant.init=awq", "quant.bits=2.5", "quant.mixed_choices=[2,3]", "quant.symmetric=false"]],
+    ids=["awq", "mixed-gptq", "mixed-rtn-lm_head", "mixed-awq"],
+)  # fmt: skip
+@pytest.mark.parametrize("family", ["qwen3", "coda"])
+def test_step0_prepared_model_is_the_ptq_artifact(tmp_path, family, extra):
+    """QAT at step 0 computes exactly the PTQ model it starts from, bit for bit, for every initialisation."""
+    r = recipe(family, *extra)
+    model, tok = load(r.model.path)
+    result = quantize_model(model, tok, r, progress=False)
+    final = train.main([*FAMILIES[family], *CALIB, *extra, f"out_dir={tmp_path}", "train.steps=0"])
+    ptq, _ = load(final)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids()).logits, ptq(input_ids=ids()).logits)
+    if result.bits:  # mixed precision: the allocation meets the budget over every quantized linear
+        sizes = result.sizes
+        assert set(result.bits) == {n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+        avg = sum(sizes[n] * b for n, b in result.bits.items()) / sum(sizes[n] for n in result.bits)
+        assert avg <= r.quant.bits
+
+
 def test_gptq_init_then_qat_steps(tmp_path):
     final = train.main([*FAMILIES["coda"], *CALIB, f"out_dir={tmp_path}", "train.steps=2", "quant.init=gptq",
                         "train.kd=0.5", "train.kd_teacher=frozen"])  # fmt: skip

@@ -115,7 +115,9 @@ def test_bits16_is_a_no_op(model, ids):
 
 
 def test_group_size_must_divide(model):
-    with pytest.raises(ValueError, match=r"cannot quantize model\.layers\.0\.self_attn\.q_proj: group_size 96"):
+    from qat.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"group_size=96 does not divide the input width \d+ of model\.layers\.0\.self_attn\.q_proj"):
         prepare(model, QuantConfig(group_size=96))
 
 

@@ -21,6 +21,14 @@ FAMILIES: dict[str, ModuleType] = {"qwen3": qwen3, "coda": coda}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def check_path(path: str, key: str = "model.path") -> None:
+    """FileNotFoundError for a path that looks local (absolute, relative, existing, or not `org/name`) but is not
+    a directory; hub ids are left to the loader."""
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"{key}={path}: no such directory (and not a hub id of the form org/name)")
+
+
 def family_of(path: str) -> str:
     """Family name from a checkpoint's config.json (`model_type`)."""
     local = Path(path) / "config.json"

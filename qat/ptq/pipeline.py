@@ -16,7 +16,8 @@
 then the layer's outputs, computed with its quantized linears, become the next layer's inputs (sequential
 PTQ: each layer is calibrated on what it will really see). Mixed precision (`quant.bits=3.5`) first runs one
 float pass to measure every linear's Hessian sensitivity at each of `quant.mixed_choices` bits, allocates bits
-to meet the average (qat/ptq/mixed.py), then quantizes as above with those per-module bits.
+to meet the average (qat/ptq/mixed.py), then quantizes as above with those per-module bits. Linears outside the
+decoder layers (an unskipped lm_head) get RTN at the largest choice within the budget, counted in the average.
 
 The solution is kept as quantizer state: each linear becomes a FakeQuantLinear whose scales and zero points
 are the PTQ solution's and whose weight rounds to the solution (GPTQ: the error-compensated values its codes were
@@ -45,7 +46,7 @@ from qat.config import QuantConfig, Recipe
 from qat.modules import FakeQuantLinear
 from qat.ptq import awq, gptq, mixed
 from qat.ptq.calibrate import LayerInputs, calibration_ids, capture, decoder_layers
-from qat.swap import module_config, prepare, replace_module, skipped
+from qat.swap import check_group_size, module_config, prepare, replace_module, skipped
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,12 @@ def allocate_bits(model: nn.Module, ids: Tensor, q: QuantConfig, names: dict[int
             costs[prefix + n] = mixed.sensitivity(m.weight.detach(), hessians[n], q, q.mixed_choices)
             sizes[prefix + n] = m.weight.numel()
         inputs.advance(layer)  # float model: sensitivities of the unquantized network
+    # linears outside the decoder layers (an unskipped lm_head): no Hessian is measured for them; they take the
+    # largest choice within the budget and count against it like every other weight
+    floor = max(c for c in q.mixed_choices if c <= q.bits)
+    for n, m in model.named_modules():
+        if type(m) is nn.Linear and n not in sizes and not skipped(n, list(q.skip)):
+            costs[n], sizes[n] = {floor: 0.0}, m.weight.numel()
     return mixed.allocate(sizes, costs, q.bits), sizes
 
 
@@ -210,6 +217,7 @@ def quantize_model(
     if not q.enabled or not (q.calibrated or report):
         prepare(model, q)
         return PTQResult(q.init if q.enabled else "float", None, [], 0.0)
+    check_group_size(model, q)
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     ids = calibration_ids(recipe, tokenizer, model.config).to(device)
@@ -233,10 +241,6 @@ def quantize_model(
         reports.append(LayerReport(i, _contribution_error(outputs, reference, inputs.hidden), rtn_error,
                                    {n: c.bits for n, c in cfgs.items()}))  # fmt: skip
         inputs.hidden = outputs  # sequential: the next layer sees this quantized layer's outputs
-    if bits is not None:  # linears outside the decoder layers: the largest choice within the budget
-        floor = max(c for c in q.mixed_choices if c <= q.bits)
-        rest = [n for n, m in model.named_modules() if type(m) is nn.Linear and not skipped(n, list(q.skip))]
-        bits.update(dict.fromkeys(rest, floor))
     prepare(model, q, bits)  # whatever is left (no-op when every target was inside a decoder layer)
     result = PTQResult(q.init, bits, reports, time.perf_counter() - t0, int(ids.numel()), sizes)
     log.info(result.summary())
