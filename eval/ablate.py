@@ -108,7 +108,8 @@ class Cell:
 def cells(cfg: AblateConfig) -> list[Cell]:
     """The grid of one recipe, in run order."""
     out = [Cell("base", "base", 16, cfg.seeds[0], ["quant.bits=16", "train.steps=0"])]
-    out += [Cell(f"ft-s{s}", "ft", 16, s, ["quant.bits=16", "train.kd=0", "train.kd_hidden=0", f"train.seed={s}"]) for s in cfg.seeds]
+    plain = ["quant.bits=16", "train.kd=0", "train.kd_hidden=0"]  # unquantized, plain cross-entropy
+    out += [Cell(f"ft-s{s}", "ft", 16, s, [*plain, f"train.seed={s}"]) for s in cfg.seeds]
     for b in cfg.bits:
         for m in cfg.methods:
             if m in PTQ:

@@ -228,7 +228,8 @@ def test_delayed_fake_quant_rederives_the_grids(tmp_path, monkeypatch):
                   for m in fqs]  # fmt: skip
         stale = sum(not torch.equal(m.weight_quantizer.scale, s) for m, s in zip(fqs, fitted, strict=True))
         n = swap.rederive_scales(model)
-        calls.append((n, stale, all(torch.equal(m.weight_quantizer.scale, s) for m, s in zip(fqs, fitted, strict=True))))
+        fits = all(torch.equal(m.weight_quantizer.scale, s) for m, s in zip(fqs, fitted, strict=True))
+        calls.append((n, stale, fits))
         return n
 
     monkeypatch.setattr(train, "rederive_scales", spy)
