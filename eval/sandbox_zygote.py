@@ -196,7 +196,7 @@ class _Zygote:
                     got = drain(fd)
                     if got is None:
                         poller.unregister(fd)  # end of file: every writer has exited
-                    elif names[fd] in ("out", "err"):
+                    else:  # stdout, stderr and the report pipe all count against the output cap
                         total += got
             done, status, usage = os.wait4(pid, os.WNOHANG)
             if done:

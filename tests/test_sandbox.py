@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -87,10 +86,9 @@ LOOPS = ["while True:\n    pass\n", "import time\ntime.sleep(100)\n", "sum(range
 
 @pytest.mark.parametrize("program", LOOPS)
 def test_infinite_loop_times_out(box, program):
-    t0 = time.monotonic()
     o = check(box, program, timeout=1.0)
-    assert o.status == "timeout" and "limit" in o.detail
-    assert 1.0 <= o.seconds < 2.0 and time.monotonic() - t0 < 4.0
+    # "timeout", not "error": the zygote killed it (a stalled one would hit the evaluator's own deadline first)
+    assert o.status == "timeout" and "limit" in o.detail and o.seconds >= 1.0
 
 
 @pytest.mark.parametrize("program", ["x = bytearray(10**10)\n", "x = []\nwhile True:\n    x.append(' ' * 10**6)\n"])
@@ -101,9 +99,8 @@ def test_memory_bomb(box, program):
 
 def test_fork_bomb(box):
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    t0 = time.monotonic()
     o = check(box, bomb, timeout=2.0)  # check(): every forked process is gone afterwards
-    assert o.status == "timeout" and time.monotonic() - t0 < 6.0
+    assert o.status == "timeout"
 
 
 def test_fork_count_is_bounded(box):
@@ -117,10 +114,15 @@ def test_fork_count_is_bounded(box):
 
 @pytest.mark.parametrize("program", ["print('x' * 10**9)\n", "while True:\n    print('spam')\n"])
 def test_huge_output(box, program):
-    t0 = time.monotonic()
-    o = check(box, program, timeout=20.0)
+    o = check(box, program, timeout=20.0)  # killed for its output long before the deadline, or out of memory
     assert o.status == "failed" and ("output limit" in o.detail or "MemoryError" in o.detail)
-    assert len(o.stdout) <= Limits().keep_bytes and time.monotonic() - t0 < 10.0
+    assert len(o.stdout) <= Limits().keep_bytes
+
+
+def test_the_report_pipe_counts_against_the_output_cap(box):
+    flood = "import os\nfor _ in range(64):\n    os.write(3, b'x' * (1 << 20))\n"  # 64 MiB on the status fd
+    o = check(box, flood, timeout=20.0)
+    assert o.status == "failed" and "output limit" in o.detail
 
 
 def test_writes_outside_the_temp_dir(box):
