@@ -88,7 +88,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-NOBODY = 65534  # nobody / nogroup
+RUN_UID = 64000  # worker i runs its programs as uid/gid RUN_UID + i (when root): no run shares a uid with another
+MAX_WORKERS = 1000  # so the uids stay below nobody (65534)
 STATUSES = ("passed", "failed", "timeout", "error")
 # Imported once in each zygote so that programs find them loaded (HumanEval/MBPP import these most); light ones
 # only, and no module with at-fork hooks (random reseeds itself in every child).
@@ -115,6 +116,7 @@ class Outcome:
     stdout: str = ""
     stderr: str = ""
     detail: str = ""  # one line: the exception, "wall-clock limit 2s", "exited before the end (code 0)", ...
+    layers: tuple[str, ...] = ()  # the isolation layers this run had (Sandbox.layers that were granted)
 
     @property
     def passed(self) -> bool:
@@ -130,6 +132,7 @@ class Limits:
     open_files: int = 128  # RLIMIT_NOFILE
     processes: int = 64  # RLIMIT_NPROC: processes + threads of uid 65534, all workers together
     tmp_mb: int = 64  # size of each of the private /tmp and /dev/shm
+    tmp_files: int = 4096  # inodes (files and directories) in each of them: empty files cost memory too
     keep_bytes: int = 64 * 1024  # tail of stdout / stderr kept
     output_bytes: int = 16 * 1024 * 1024  # more than this on stdout + stderr kills the program
 
@@ -145,7 +148,7 @@ def time_limit(reference_seconds: float, floor: float = 4.0, factor: float = 8.0
 class _Worker:
     """One zygote process and its control pipe (length-prefixed JSON both ways)."""
 
-    def __init__(self, python: str):
+    def __init__(self, python: str, index: int):
         # Imported here: the zygote imports this file and must stay lean. subprocess (and threading,
         # which it imports) add at-fork hooks and memory that made every fork measurably slower.
         import subprocess
@@ -153,7 +156,7 @@ class _Worker:
         env = {"PATH": f"{os.path.dirname(python)}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "HOME": "/"}  # fmt: skip
         # -s: no user site-packages. Not -I/-E, which would also ignore PYTHONHASHSEED; the env is ours anyway.
-        self.proc = subprocess.Popen([python, "-s", ZYGOTE], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, "-s", ZYGOTE, str(RUN_UID + index)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, cwd="/", start_new_session=True)  # fmt: skip
         self.fd = self.proc.stdout.fileno()
 
@@ -164,6 +167,7 @@ class _Worker:
             self.kill()
             raise SandboxError(f"sandbox worker failed to start: {hello.get('error') if hello else 'no reply'}")
         self.layers: dict[str, bool] = hello["layers"]
+        self.cgroups: list[str] = hello.get("cgroups", [])  # removed when the zygote is killed
         return self
 
     def send(self, obj: dict) -> None:
@@ -184,6 +188,15 @@ class _Worker:
         with contextlib.suppress(OSError):
             self.proc.kill()
         self.proc.wait()
+        for d in getattr(self, "cgroups", []):  # a killed zygote could not remove its cgroups; its program is gone
+            for _ in range(50):  # the kernel empties a cgroup a moment after its last process is reaped
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
         for f in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):
                 f.close()
@@ -215,7 +228,9 @@ class Sandbox:
         self._lock = _thread.allocate_lock()
         self._workers: list[_Worker] = []
         try:
-            self._workers = [_Worker(self.python) for _ in range(max(1, workers))]  # they start up in parallel
+            if not 1 <= workers <= MAX_WORKERS:
+                raise ValueError(f"workers must be in 1..{MAX_WORKERS}, got {workers}")
+            self._workers = [_Worker(self.python, i) for i in range(workers)]  # they start up in parallel
             for w in self._workers:
                 w.ready()
         except BaseException:
@@ -268,7 +283,7 @@ class Sandbox:
                 if restart:  # a dead or stalled zygote: replace it and carry on
                     w.kill()
                     slot = self._workers.index(w)
-                    w = self._workers[slot] = _Worker(self.python).ready()
+                    w = self._workers[slot] = _Worker(self.python, slot).ready()
                 idle.append(w)
                 if bar:
                     bar.update(1)
@@ -288,7 +303,7 @@ class Sandbox:
                     if reply is None:
                         finish(w, Outcome("error", detail="sandbox worker died or stalled"), restart=True)
                     else:
-                        finish(w, Outcome(**reply), restart=False)
+                        finish(w, Outcome(**{**reply, "layers": tuple(reply.get("layers", ()))}), restart=False)
                 for w in [w for w, (_, d) in busy.items() if time.monotonic() > d]:
                     finish(w, Outcome("error", detail="sandbox worker stopped answering"), restart=True)
         if bar:

@@ -7,6 +7,7 @@ and a readable message) when the kernel refuses, so the caller can degrade and r
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -88,10 +89,13 @@ def expose(paths: list[str]) -> None:
             os.close(fd)
 
 
-def read_only_mounts() -> None:
-    """Remount every mount of this namespace read-only (bind remounts change only this namespace's view)."""
-    with open("/proc/self/mountinfo") as f:
-        points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]) for line in f]
+CGROUP_TYPES = ("cgroup", "cgroup2")
+
+
+def read_only_mounts(skip: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> None:
+    """Remount the mounts of this namespace read-only (bind remounts change only this namespace's view): every one,
+    or those whose filesystem type is not in `skip`, or only those whose type is in `only`."""
+    points = [p for _, p, fstype, _ in _mountinfo() if fstype not in skip and (not only or fstype in only)]
     for point in dict.fromkeys(points):
         try:
             flags = os.statvfs(point).f_flag
@@ -100,3 +104,192 @@ def read_only_mounts() -> None:
         except OSError:
             if point == "/":
                 raise  # the root must be read-only; a stray pseudo filesystem that refuses is tolerated
+
+
+# ----------------------------------------------------------------------------------------------- syscall filter
+# A seccomp filter (classic BPF over struct seccomp_data) installed in the program's process just before its code
+# runs: system calls no test program needs and that open a way around the other layers fail with EPERM. Only
+# x86_64 numbers are known here; elsewhere the layer is reported unavailable. Calls through the i386 or x32
+# ABIs (int 0x80, the x32 bit) kill the process: a filter keyed on x86_64 numbers would not recognise them.
+AUDIT_ARCH_X86_64, X32_BIT = 0xC000003E, 0x40000000
+DENIED_X86_64 = {
+    # another process's memory and file descriptors
+    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_getfd": 438,
+    # new namespaces (a user namespace regains capabilities, with mounts of its own) and mounts
+    "unshare": 272, "setns": 308, "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+    "mount_setattr": 442,
+    # the kernel keyring, shared by every process of a uid and outliving the run
+    "add_key": 248, "request_key": 249, "keyctl": 250,
+    # memory that belongs to no process: SysV shared memory, semaphores, queues; anonymous files
+    "shmget": 29, "semget": 64, "msgget": 68, "memfd_create": 319,
+    # kernel attack surface no test needs
+    "perf_event_open": 298, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426,
+    "io_uring_register": 427, "kexec_load": 246, "kexec_file_load": 320, "init_module": 175, "finit_module": 313,
+    "delete_module": 176, "name_to_handle_at": 303, "open_by_handle_at": 304,
+}  # fmt: skip
+CLONE_X86_64, CLONE3_X86_64 = 56, 435
+CLONE_NEWUTS, CLONE_NEWCGROUP = 0x04000000, 0x02000000
+NAMESPACE_FLAGS = (CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+                   | CLONE_NEWCGROUP)
+_LD_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JSET}|K, BPF_RET|K
+_ALLOW, _KILL, _ERRNO = 0x7FFF0000, 0x80000000, 0x00050000  # SECCOMP_RET_ALLOW, _KILL_PROCESS, _ERRNO | errno
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+def seccomp_program() -> bytes:
+    """The filter as packed `struct sock_filter`s: deny-listed calls → EPERM; clone with a namespace flag →
+    EPERM; clone3 → ENOSYS (its flags sit in memory a filter cannot read; libc then falls back to clone)."""
+    import errno
+    import struct
+
+    # (code, jump-if-true label, jump-if-false label, k); BPF jumps only forward, by pc-relative offsets
+    asm: list[tuple[int, str | None, str | None, int]] = [
+        (_LD_ABS, None, None, 4),  # seccomp_data.arch
+        (_JEQ, None, "kill", AUDIT_ARCH_X86_64),
+        (_LD_ABS, None, None, 0),  # seccomp_data.nr
+        (_JGE, "eperm", None, X32_BIT),
+        *[(_JEQ, "eperm", None, nr) for nr in sorted(DENIED_X86_64.values())],
+        (_JEQ, "enosys", None, CLONE3_X86_64),
+        (_JEQ, None, "allow", CLONE_X86_64),
+        (_LD_ABS, None, None, 16),  # seccomp_data.args[0], low 32 bits: clone's flags
+        (_JSET, "eperm", "allow", NAMESPACE_FLAGS),
+    ]
+    labels = {"allow": _ALLOW, "eperm": _ERRNO | errno.EPERM, "enosys": _ERRNO | errno.ENOSYS, "kill": _KILL}
+    at = {name: len(asm) + i for i, name in enumerate(labels)}  # the return instructions follow the code
+    out = []
+    for pc, (code, jt, jf, k) in enumerate(asm):
+        off = [0 if lab is None else at[lab] - pc - 1 for lab in (jt, jf)]
+        assert all(0 <= o <= 255 for o in off)
+        out.append(struct.pack("<HBBI", code, off[0], off[1], k))
+    out += [struct.pack("<HBBI", _RET, 0, 0, ret) for ret in labels.values()]
+    return b"".join(out)
+
+
+def seccomp_available() -> bool:
+    import platform
+
+    return sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+def install_seccomp() -> None:
+    """Install the filter in this process (needs PR_SET_NO_NEW_PRIVS first, or CAP_SYS_ADMIN); irrevocable."""
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    prog = seccomp_program()
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0), "seccomp")
+
+
+# ---------------------------------------------------------------------------------------------------- cgroups
+# A per-worker memory + pids cgroup that every run joins (a run's processes, threads, tmpfs pages, SysV and memfd
+# memory are then limited and accounted *together*, which rlimits, per process, cannot do). cgroup v2 where its
+# memory and pids controllers are delegated to us, else v1 hierarchies; None where neither can be written.
+
+
+def _mountinfo() -> list[tuple[str, str, str, set[str]]]:
+    """(root within the filesystem, mount point, fstype, super options) of every mount."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, post = line.split(" - ", 1)
+            fields, (fstype, _, opts) = pre.split(), post.split()[:3]
+            unescape = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), s)  # noqa: E731
+            out.append((unescape(fields[3]), unescape(fields[4]), fstype, set(opts.split(","))))
+    return out
+
+
+def _own_cgroups() -> dict[str, str]:
+    """{controller (or "" for v2): this process's cgroup path} from /proc/self/cgroup."""
+    out = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for c in controllers.split(",") if controllers else [""]:
+                out[c] = path
+    return out
+
+
+def _under(mount_root: str, mount_point: str, path: str) -> str | None:
+    if path != mount_root and not path.startswith(mount_root.rstrip("/") + "/"):
+        return None
+    return os.path.join(mount_point, os.path.relpath(path, mount_root))
+
+
+class Cgroups:
+    """This worker's cgroup(s): `dirs` (v2: one directory; v1: one per controller, memory then pids)."""
+
+    def __init__(self, version: int, dirs: list[str]):
+        self.version, self.dirs = version, dirs
+
+    @classmethod
+    def create(cls, name: str) -> Cgroups | None:
+        """Make `name` under this process's own cgroups, v2 first; None if the machine does not let us."""
+        mounts, own = _mountinfo(), _own_cgroups()
+        for root, point, fstype, _ in mounts:  # v2: both controllers must be available to children
+            if fstype == "cgroup2" and "" in own and (base := _under(root, point, own[""])):
+                try:
+                    with open(os.path.join(base, "cgroup.subtree_control")) as f:
+                        enabled = set(f.read().split())
+                    if not {"memory", "pids"} <= enabled:
+                        with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
+                            f.write("+memory +pids")
+                    os.makedirs(os.path.join(base, name), exist_ok=True)
+                    return cls(2, [os.path.normpath(os.path.join(base, name))])
+                except OSError:
+                    break
+        dirs = []
+        for controller in ("memory", "pids"):
+            found = [(r, p) for r, p, fstype, opts in mounts if fstype == "cgroup" and controller in opts]
+            base = _under(*found[0], own.get(controller, "/")) if found else None
+            try:
+                if base is None:
+                    raise OSError(f"no cgroup v1 {controller} hierarchy")
+                os.makedirs(os.path.join(base, name), exist_ok=True)
+                dirs.append(os.path.normpath(os.path.join(base, name)))
+            except OSError:
+                cls(1, dirs).remove()
+                return None
+        return cls(1, dirs)
+
+    def _write(self, directory: str, file: str, value: str | int) -> None:
+        with open(os.path.join(directory, file), "w") as f:
+            f.write(str(value))
+
+    def limit(self, memory_bytes: int, pids: int) -> None:
+        """Set the limits the next run gets (while the cgroup is empty)."""
+        if self.version == 2:
+            self._write(self.dirs[0], "memory.max", memory_bytes)
+            with contextlib.suppress(OSError):  # no swap configured: no file
+                self._write(self.dirs[0], "memory.swap.max", 0)
+            self._write(self.dirs[0], "pids.max", pids)
+            return
+        memory, pid_dir = self.dirs
+        with contextlib.suppress(OSError):  # memsw must stay >= the limit: lower it after, raise it before
+            self._write(memory, "memory.memsw.limit_in_bytes", -1)
+        self._write(memory, "memory.limit_in_bytes", memory_bytes)
+        with contextlib.suppress(OSError):
+            self._write(memory, "memory.memsw.limit_in_bytes", memory_bytes)
+        self._write(pid_dir, "pids.max", pids)
+
+    def join(self) -> None:
+        """Move the calling process into the cgroup(s) ("0" = the writer, in any PID namespace)."""
+        for d in self.dirs:
+            self._write(d, "cgroup.procs", 0)
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel's OOM killer has killed in this cgroup so far."""
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            with open(os.path.join(self.dirs[0], name)) as f:
+                return int(dict(line.split() for line in f if line.strip()).get("oom_kill", 0))
+        except (OSError, ValueError):
+            return 0
+
+    def remove(self) -> None:
+        for d in self.dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)

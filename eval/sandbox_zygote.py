@@ -23,23 +23,29 @@ import types
 from dataclasses import asdict
 
 import sandbox_sys as sx  # run as a script: this directory is sys.path[0]
-from sandbox import HEADER, NOBODY, PRELOAD, REPORT_FD, Limits, Outcome, read_exact
+from sandbox import HEADER, PRELOAD, REPORT_FD, Limits, Outcome, read_exact
 
 
 class _Zygote:
     """The warm worker: sets up the namespaces once, then forks one process per program."""
 
-    def __init__(self, ctl_in: int, ctl_out: int):
+    def __init__(self, ctl_in: int, ctl_out: int, uid: int):
         self.ctl_in, self.ctl_out = ctl_in, ctl_out
         self.root = os.geteuid() == 0
+        self.uid = uid  # this worker's own unprivileged uid (and gid), when root
         self.layers = {"uid_drop": self.root, "user_ns": False, "net_ns": False, "mount_ns": False,
-                       "read_only": False, "pid_ns": False}  # fmt: skip
+                       "read_only": False, "pid_ns": False, "seccomp": False, "oom_score_adj": False,
+                       "cgroup": False}  # fmt: skip
         self.pidns_fd = -1
+        self.cgroups: sx.Cgroups | None = None
 
     # Setup, once per zygote. Every step is optional; what worked is reported in `layers`.
     def isolate(self) -> None:
         with contextlib.suppress(OSError):  # orphans of a run reparent here (not to host init) and get reaped
             sx.prctl(sx.PR_SET_CHILD_SUBREAPER, 1)
+        with contextlib.suppress(OSError):  # inherited by every program (which cannot lower it): under memory
+            _write("/proc/self/oom_score_adj", "1000")  # pressure the kernel kills a run, not the evaluator
+            self.layers["oom_score_adj"] = True
         if self.root:
             for name, flag in (("net_ns", sx.CLONE_NEWNET), ("mount_ns", sx.CLONE_NEWNS)):
                 with contextlib.suppress(OSError):
@@ -53,6 +59,9 @@ class _Zygote:
                     with open(f"/proc/self/{name}", "w") as f:
                         f.write(text)
                 self.layers.update(user_ns=True, net_ns=True, mount_ns=True)
+        with contextlib.suppress(OSError):  # before the mounts turn read-only
+            self.cgroups = sx.Cgroups.create(f"qat-sandbox-{os.getpid()}")
+            self.layers["cgroup"] = self.cgroups is not None
         if self.layers["mount_ns"]:
             try:
                 sx.mount(None, "/", None, sx.MS_REC | sx.MS_PRIVATE)  # nothing we mount propagates to the host
@@ -60,7 +69,7 @@ class _Zygote:
                     sx.expose(sx.interpreter_dirs())
                 if os.path.isdir("/run"):  # host daemons' sockets and the world-writable /run/lock
                     sx.mount("tmpfs", "/run", "tmpfs", sx.MS_NOSUID | sx.MS_NODEV, "mode=755,size=1m")
-                sx.read_only_mounts()
+                sx.read_only_mounts(skip=sx.CGROUP_TYPES)  # the zygote sets each run's limits; runs see them ro
                 self.layers["read_only"] = True
             except OSError:
                 self.layers["mount_ns"] = False  # per-run mounts would fail too: use a host temp dir instead
@@ -72,6 +81,20 @@ class _Zygote:
             except OSError:
                 self._become_pid1()
             self.layers["pid_ns"] = True
+        self.layers["seccomp"] = sx.seccomp_available() and self._probe(sx.install_seccomp)
+
+    @staticmethod
+    def _probe(setup) -> bool:
+        """Whether `setup()` works in a child process (so nothing it changes touches this one)."""
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sx.prctl(sx.PR_SET_NO_NEW_PRIVS, 1)
+                setup()
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        return os.waitpid(pid, 0)[1] == 0
 
     def _become_pid1(self) -> None:
         """Serve from pid 1 of the PID namespace just created (used inside a user namespace).
@@ -91,12 +114,14 @@ class _Zygote:
         probe = self.run_one({"program": "import math, json, collections\nassert math.gcd(4, 6) == 2\n",
                               "timeout": 30.0, "limits": asdict(Limits())})  # fmt: skip
         error = None if probe["status"] == "passed" else f"self test {probe['status']}: {probe['detail']}"
-        self.send({"layers": self.layers, "error": error})
+        self.send({"layers": self.layers, "error": error, "cgroups": self.cgroups.dirs if self.cgroups else []})
         while (head := read_exact(self.ctl_in, HEADER.size)) is not None:
             body = read_exact(self.ctl_in, HEADER.unpack(head)[0])
             if body is None:
                 break
-            self.send(self.run_one(json.loads(body)))
+            self.send({**self.run_one(json.loads(body)), "layers": [k for k, on in self.layers.items() if on]})
+        if self.cgroups:
+            self.cgroups.remove()
 
     def send(self, obj: dict) -> None:
         data = json.dumps(obj).encode()
@@ -115,14 +140,17 @@ class _Zygote:
 
             host_tmp = tempfile.mkdtemp(prefix="sandbox-")
             if self.root:
-                os.chown(host_tmp, NOBODY, NOBODY)
-        t0, error = time.monotonic(), ""
+                os.chown(host_tmp, self.uid, self.uid)
+        t0, error, ooms = time.monotonic(), "", 0
         try:
+            if self.cgroups:  # this run's limits on all its processes together (the cgroup is empty now)
+                self.cgroups.limit(lim.memory_mb << 20, lim.processes)
+                ooms = self.cgroups.oom_kills()
             if self.layers["pid_ns"]:
                 sx.unshare(sx.CLONE_NEWPID)  # the next child is pid 1 of a fresh PID namespace
             pid = os.fork()
         except OSError as e:
-            pid, error = -1, f"fork failed: {e}"
+            pid, error = -1, f"fork failed: {e}"  # or the cgroup refused its limits
         if pid == 0:
             self._program(program, timeout, lim, nonce, pipes, host_tmp)  # never returns
         if self.layers["pid_ns"]:
@@ -133,7 +161,7 @@ class _Zygote:
         try:
             if pid < 0:
                 return asdict(Outcome("error", detail=error))
-            return self._collect(pid, t0, timeout, lim, nonce, {k: r for k, (r, _) in pipes.items()})
+            return self._collect(pid, t0, timeout, lim, nonce, {k: r for k, (r, _) in pipes.items()}, ooms)
         finally:
             for r, _ in pipes.values():
                 os.close(r)
@@ -148,7 +176,8 @@ class _Zygote:
                 except ChildProcessError:
                     break
 
-    def _collect(self, pid: int, t0: float, timeout: float, lim: Limits, nonce: str, fds: dict[str, int]) -> dict:
+    def _collect(self, pid: int, t0: float, timeout: float, lim: Limits, nonce: str, fds: dict[str, int],
+                 ooms: int) -> dict:  # fmt: skip
         bufs = {name: bytearray() for name in fds}
         total, killed = 0, ""  # killed: why we killed it ("" if we did not)
         try:
@@ -210,6 +239,8 @@ class _Zygote:
         for fd in fds.values():
             drain(fd)
         cpu = usage.ru_utime + usage.ru_stime
+        if self.cgroups and self.cgroups.oom_kills() > ooms:  # the kernel killed one of its processes for memory
+            killed = killed or f"memory limit: its processes together exceeded {lim.memory_mb} MiB"
         return asdict(self._verdict(bufs, seconds, status, cpu, killed, timeout, nonce, lim))
 
     @staticmethod
@@ -222,7 +253,7 @@ class _Zygote:
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         out = dict(seconds=round(seconds, 6), exit_code=code, signal=sig, stdout=text["out"], stderr=text["err"])
-        if report == "passed" and not killed.startswith("output"):
+        if report == "passed" and not killed.startswith(("output", "memory")):
             return Outcome("passed", detail="ran to the end", **out)
         if killed.startswith("wall"):
             return Outcome("timeout", detail=killed, **out)
@@ -263,17 +294,22 @@ class _Zygote:
             os.closerange(4, 1 << 16)  # control pipe, pidns fd, read ends: only 0-3 stay open
             sx.prctl(sx.PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote dies -> so do we (and our PID namespace)
             os.setsid()
+            if self.cgroups:
+                self.cgroups.join()  # with everything it will start: limited and accounted as one
             if self.layers["mount_ns"]:
                 sx.unshare(sx.CLONE_NEWNS | sx.CLONE_NEWIPC)  # this run's own mounts, SysV IPC and POSIX queues
+                if self.layers["read_only"]:
+                    sx.read_only_mounts(only=sx.CGROUP_TYPES)  # left writable for the zygote, not for the program
+                tmpfs = f"mode=1777,size={lim.tmp_mb}m,nr_inodes={lim.tmp_files}"  # bytes and files both capped
                 for target in ("/tmp", "/dev/shm"):
-                    sx.mount("tmpfs", target, "tmpfs", sx.MS_NOSUID | sx.MS_NODEV, f"mode=1777,size={lim.tmp_mb}m")
+                    sx.mount("tmpfs", target, "tmpfs", sx.MS_NOSUID | sx.MS_NODEV, tmpfs)
                 if self.layers["pid_ns"]:
                     sx.mount("proc", "/proc", "proc", sx.MS_NOSUID | sx.MS_NODEV | sx.MS_NOEXEC)
             cwd = host_tmp or "/tmp/sandbox"
             if not host_tmp:
                 os.mkdir(cwd, 0o700)
                 if self.root:
-                    os.chown(cwd, NOBODY, NOBODY)
+                    os.chown(cwd, self.uid, self.uid)
             mb = 1 << 20
             cpu = math.ceil(timeout) + 1
             for res, soft, hard in ((resource.RLIMIT_AS, lim.memory_mb * mb, None), (resource.RLIMIT_CPU, cpu, cpu + 1),
@@ -285,13 +321,15 @@ class _Zygote:
             os.environ["HOME"] = cwd
             if self.root:
                 os.setgroups([])
-                os.setresgid(NOBODY, NOBODY, NOBODY)
-                os.setresuid(NOBODY, NOBODY, NOBODY)  # from uid 0 to non-zero: every capability is dropped
+                os.setresgid(self.uid, self.uid, self.uid)
+                os.setresuid(self.uid, self.uid, self.uid)  # from uid 0 to non-zero: every capability is dropped
             elif self.layers["user_ns"]:
                 sx.drop_capabilities()  # we are the same uid, but held all capabilities inside the user namespace
             sx.prctl(sx.PR_SET_NO_NEW_PRIVS, 1)
             sx.prctl(sx.PR_SET_DUMPABLE, 1)  # the uid change made /proc/self root-owned; give the program its own back
             sx.prctl(sx.PR_SET_PDEATHSIG, signal.SIGKILL)  # the uid change reset it
+            if self.layers["seccomp"]:
+                sx.install_seccomp()  # last: from here on the deny-listed system calls fail (sandbox_sys.py)
         except BaseException as e:
             report(f"error setting up the program: {e!r}"[:300])
             exit_now(1)
@@ -327,6 +365,11 @@ class _Zygote:
         exit_now(status & 0xFF)
 
 
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def _zygote_main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if p not in ("", here)]  # programs must not import eval/*.py as modules
@@ -339,7 +382,7 @@ def _zygote_main() -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
-    zygote = _Zygote(ctl_in, ctl_out)
+    zygote = _Zygote(ctl_in, ctl_out, uid=int(sys.argv[1]) if len(sys.argv) > 1 else 65534)
     zygote.isolate()
     zygote.serve()
 

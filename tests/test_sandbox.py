@@ -281,4 +281,74 @@ def test_layers_as_root(box):
         pytest.skip("runs as root only")
     assert box.layers["uid_drop"]
     o = check(box, "import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n")
-    assert o.stdout.split()[:2] == ["65534", "65534"]
+    uid, gid = map(int, o.stdout.split()[:2])
+    assert uid == gid and sandbox.RUN_UID <= uid < sandbox.RUN_UID + 2 and o.stdout.split()[2] == "[]"
+
+
+# ------------------------------------------------------------------------- runs against each other, the whole run
+
+
+def test_each_worker_runs_programs_as_its_own_uid(box):
+    require(box, "uid_drop")
+    outcomes = box.run_many(["import os, time\ntime.sleep(0.2)\nprint(os.getuid())\n"] * 6, timeouts=5)
+    assert len({o.stdout for o in outcomes}) == 2  # two workers, two identities: rlimits and signals stay per worker
+
+
+def test_forked_children_share_one_memory_limit(box):
+    require(box, "cgroup")
+    hog = ("import os, time\npids = []\nfor i in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+           "        x = bytearray(200 << 20)\n        x[::4096] = b'1' * len(x[::4096])\n"
+           "        time.sleep(1)\n        os._exit(0)\n    pids.append(pid)\n"
+           "assert all(os.waitpid(p, 0)[1] == 0 for p in pids)\n")  # fmt: skip
+    o = check(box, hog, timeout=20.0, memory_mb=512)  # 4 × 200 MiB, each under the per-process limit
+    assert o.status == "failed" and "memory limit" in o.detail, o
+
+
+def test_a_flood_of_empty_files_is_capped(box):
+    require(box, "mount_ns")
+    flood = "import os\nfor i in range(100_000):\n    open(f'/tmp/f{i}', 'w').close()\n"
+    o = check(box, flood, timeout=20.0)
+    assert o.status == "failed" and "No space left on device" in o.detail
+
+
+def test_oom_killer_takes_the_program_first(box):
+    require(box, "oom_score_adj")
+    lower = "with open('/proc/self/oom_score_adj', 'w') as f:\n    f.write('-1000')\n"
+    assert check(box, lower).status == "failed"  # it may not lower it
+    assert check(box, "assert open('/proc/self/oom_score_adj').read().strip() == '1000'\n").passed
+
+
+def succeeds(call: str) -> str:
+    """A program that passes only if the libc call `call` (with `libc` and `ctypes` in scope) does not fail."""
+    head = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    return head + f"assert {call} >= 0, os.strerror(ctypes.get_errno())\n"
+
+
+REFUSED = {  # one per class: what the filter must refuse
+    "user namespace": succeeds("libc.unshare(0x10000000)"),
+    "mount namespace": succeeds("libc.unshare(0x00020000)"),
+    "keyring": succeeds("libc.syscall(248, b'user', b'k', b'v', 1, -3)"),  # add_key to the session keyring
+    "SysV shared memory": succeeds("libc.syscall(29, 0, 1 << 20, 0o1600)"),
+    "SysV semaphores": succeeds("libc.syscall(64, 0, 1, 0o1600)"),
+    "memfd": "import os\nos.memfd_create('x')\n",
+    "ptrace": succeeds("libc.ptrace(0, 0, 0, 0)"),
+    "io_uring": succeeds("libc.syscall(425, 1, ctypes.create_string_buffer(120))"),
+}
+
+
+@pytest.mark.parametrize("program", list(REFUSED.values()), ids=list(REFUSED))
+def test_system_calls_no_program_needs_are_refused(box, program):
+    require(box, "seccomp")
+    o = check(box, program)
+    assert o.status == "failed" and ("Operation not permitted" in o.detail or "PermissionError" in o.detail), o
+
+
+def test_threads_and_subprocesses_still_work_under_the_filter(box):
+    prog = ("import threading, subprocess, sys\nt = threading.Thread(target=print, args=('t',))\nt.start()\nt.join()\n"
+            "assert subprocess.run([sys.executable, '-c', 'print(1)'], capture_output=True).stdout == b'1\\n'\n")
+    assert check(box, prog).passed
+
+
+def test_the_outcome_names_the_active_layers(box):
+    o = check(box, GOOD)
+    assert set(o.layers) == {k for k, v in box.layers.items() if v}
