@@ -35,7 +35,7 @@ class _Zygote:
         self.uid = uid  # this worker's own unprivileged uid (and gid), when root
         self.layers = {"uid_drop": self.root, "user_ns": False, "net_ns": False, "mount_ns": False,
                        "read_only": False, "pid_ns": False, "seccomp": False, "oom_score_adj": False,
-                       "cgroup": False}  # fmt: skip
+                       "cgroup": False, "devpts": False}  # fmt: skip
         self.pidns_fd = -1
         self.cgroups: sx.Cgroups | None = None
 
@@ -82,6 +82,8 @@ class _Zygote:
                 self._become_pid1()
             self.layers["pid_ns"] = True
         self.layers["seccomp"] = sx.seccomp_available() and self._probe(sx.install_seccomp)
+        self.layers["devpts"] = self.layers["mount_ns"] and self._probe(lambda: (sx.unshare(sx.CLONE_NEWNS),
+                                                                                 _own_devpts()))  # fmt: skip
 
     @staticmethod
     def _probe(setup) -> bool:
@@ -305,6 +307,8 @@ class _Zygote:
                     sx.mount("tmpfs", target, "tmpfs", sx.MS_NOSUID | sx.MS_NODEV, tmpfs)
                 if self.layers["pid_ns"]:
                     sx.mount("proc", "/proc", "proc", sx.MS_NOSUID | sx.MS_NODEV | sx.MS_NOEXEC)
+                if self.layers["devpts"]:
+                    _own_devpts()
             cwd = host_tmp or "/tmp/sandbox"
             if not host_tmp:
                 os.mkdir(cwd, 0o700)
@@ -363,6 +367,13 @@ class _Zygote:
                 pass
         report(outcome)
         exit_now(status & 0xFF)
+
+
+def _own_devpts() -> None:
+    """A private pseudo-terminal instance for this mount namespace (ptys of its own, none of the host's, at most
+    16), with /dev/ptmx pointing into it."""
+    sx.mount("devpts", "/dev/pts", "devpts", sx.MS_NOSUID | sx.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,max=16")
+    sx.mount("/dev/pts/ptmx", "/dev/ptmx", None, sx.MS_BIND)
 
 
 def _write(path: str, text: str) -> None:

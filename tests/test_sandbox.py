@@ -349,6 +349,14 @@ def test_threads_and_subprocesses_still_work_under_the_filter(box):
     assert check(box, prog).passed
 
 
+def test_each_run_has_its_own_pseudo_terminals(box):
+    require(box, "devpts")
+    host = os.stat("/dev/pts").st_dev
+    prog = (f"import os\nassert os.stat('/dev/pts').st_dev != {host}\nassert os.listdir('/dev/pts') == ['ptmx']\n"
+            "m, s = os.openpty()\nassert os.ttyname(s) == '/dev/pts/0'\n")  # fmt: skip
+    assert check(box, prog).passed
+
+
 def test_the_outcome_names_the_active_layers(box):
     o = check(box, GOOD)
     assert set(o.layers) == {k for k, v in box.layers.items() if v}
