@@ -293,3 +293,88 @@ class Cgroups:
         for d in self.dirs:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+
+
+# ------------------------------------------------------------------------------------------- the program's root
+# Instead of a read-only view of the whole host (the project, its checkpoints, other runs' samples, the reference
+# solutions inside installed packages, sockets), the worker pivots into a root built from an allowlist: the
+# system's binaries and shared libraries, the interpreter and its standard library, device nodes, a minimal /etc.
+# Every site-packages/dist-packages directory inside what was allowed is covered by an empty filesystem.
+MNT_DETACH, SYS_PIVOT_ROOT_X86_64 = 2, 155
+SYSTEM_PATHS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr/bin", "/usr/sbin", "/usr/lib",
+                "/usr/lib32", "/usr/lib64", "/usr/libexec", "/usr/local/bin", "/usr/local/lib")  # fmt: skip
+DEVICES = ("null", "zero", "full", "random", "urandom")
+ETC_FILES = ("ld.so.cache", "ld.so.conf", "localtime", "nsswitch.conf")  # read by the loader and libc, if present
+PACKAGE_DIRS = ("site-packages", "dist-packages", "python3*/site-packages", "python3*/dist-packages")
+
+
+def _bind(src: str, dst: str) -> None:
+    if os.path.isdir(src):
+        os.makedirs(dst, mode=0o755, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), mode=0o755, exist_ok=True)
+        open(dst, "a").close()
+    mount(src, dst, None, MS_BIND | MS_REC)
+
+
+def interpreter_paths() -> list[str]:
+    """The interpreter's own files: its binary directories, its prefix's lib/ (stdlib, libpython), a venv's
+    pyvenv.cfg; not any site-packages."""
+    stdlib = os.path.dirname(os.__file__)
+    paths = {os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable)),
+             os.path.join(sys.base_prefix, "lib"), os.path.join(sys.base_exec_prefix, "lib"), stdlib,
+             os.path.join(stdlib, "lib-dynload")}  # fmt: skip
+    cfg = os.path.join(sys.prefix, "pyvenv.cfg")
+    if os.path.isfile(cfg):
+        paths.add(cfg)
+    return sorted(p for p in paths if os.path.exists(p))
+
+
+def package_dirs(roots: list[str]) -> list[str]:
+    """site-packages / dist-packages directories under `roots` (where pip and distributions put them)."""
+    import glob
+
+    found = set()
+    for r in roots:
+        for pattern in PACKAGE_DIRS:
+            for sub in ("", "lib/", "local/lib/"):
+                found.update(p for p in glob.glob(os.path.join(r, sub + pattern)) if os.path.isdir(p))
+    return sorted(found)
+
+
+def pivot_into_minimal_root(new: str, extra: dict[str, str], etc: dict[str, str]) -> None:
+    """Build the root at `new` (an empty, private tmpfs) and pivot_root into it; `extra` = {host path: path in
+    the new root} bound as they are (read-write until remounted), `etc` = {file name: content} for /etc."""
+    allow = [p for p in SYSTEM_PATHS if os.path.lexists(p)] + interpreter_paths()
+    allow = [p for p in allow if not any(p.startswith(q + "/") for q in allow)]  # nested ones come along
+    for p in allow:
+        if os.path.islink(p) and os.path.dirname(p) == "/":  # merged /usr: /bin -> usr/bin
+            os.symlink(os.readlink(p), new + p)
+        elif not os.path.islink(p) or os.path.exists(p):
+            _bind(os.path.realpath(p) if os.path.islink(p) else p, new + p)
+    for p in package_dirs([q for q in allow if os.path.isdir(q)]):
+        if os.path.isdir(new + p):
+            mount("tmpfs", new + p, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k,nr_inodes=1,mode=755")
+    for name in DEVICES:
+        _bind(f"/dev/{name}", f"{new}/dev/{name}")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, f"{new}/dev/{name}")
+    for d in ("dev/pts", "dev/shm", "tmp", "proc", "etc"):
+        os.makedirs(f"{new}/{d}", mode=0o755, exist_ok=True)
+    open(f"{new}/dev/ptmx", "a").close()  # a mount point for the run's own devpts
+    _bind("/proc", f"{new}/proc")  # the zygote's view; each run mounts its own over it
+    for name in ETC_FILES:
+        if os.path.isfile(f"/etc/{name}"):
+            _bind(f"/etc/{name}", f"{new}/etc/{name}")
+    for name, text in etc.items():
+        with open(f"{new}/etc/{name}", "w") as f:
+            f.write(text)
+    for src, dst in extra.items():
+        _bind(src, new + dst)
+    os.chmod(new, 0o755)
+    os.mkdir(f"{new}/.old")
+    check(libc.syscall(SYS_PIVOT_ROOT_X86_64, new.encode(), f"{new}/.old".encode()), "pivot_root")
+    os.chdir("/")
+    check(libc.umount2(b"/.old", MNT_DETACH), "umount /.old")
+    os.rmdir("/.old")

@@ -35,9 +35,10 @@ class _Zygote:
         self.uid = uid  # this worker's own unprivileged uid (and gid), when root
         self.layers = {"uid_drop": self.root, "user_ns": False, "net_ns": False, "mount_ns": False,
                        "read_only": False, "pid_ns": False, "seccomp": False, "oom_score_adj": False,
-                       "cgroup": False, "devpts": False}  # fmt: skip
+                       "cgroup": False, "devpts": False, "minimal_root": False}  # fmt: skip
         self.pidns_fd = -1
         self.cgroups: sx.Cgroups | None = None
+        self.cgroup_paths: list[str] = []  # as the host sees them (the evaluator removes them if we are killed)
 
     # Setup, once per zygote. Every step is optional; what worked is reported in `layers`.
     def isolate(self) -> None:
@@ -62,13 +63,18 @@ class _Zygote:
         with contextlib.suppress(OSError):  # before the mounts turn read-only
             self.cgroups = sx.Cgroups.create(f"qat-sandbox-{os.getpid()}")
             self.layers["cgroup"] = self.cgroups is not None
+            self.cgroup_paths = list(self.cgroups.dirs) if self.cgroups else []
         if self.layers["mount_ns"]:
             try:
                 sx.mount(None, "/", None, sx.MS_REC | sx.MS_PRIVATE)  # nothing we mount propagates to the host
-                if self.root:
-                    sx.expose(sx.interpreter_dirs())
                 if os.path.isdir("/run"):  # host daemons' sockets and the world-writable /run/lock
                     sx.mount("tmpfs", "/run", "tmpfs", sx.MS_NOSUID | sx.MS_NODEV, "mode=755,size=1m")
+                if self.root:
+                    try:
+                        self._minimal_root()
+                        self.layers["minimal_root"] = True
+                    except OSError:  # keep the read-only view of the host, with what the interpreter needs
+                        sx.expose(sx.interpreter_dirs())
                 sx.read_only_mounts(skip=sx.CGROUP_TYPES)  # the zygote sets each run's limits; runs see them ro
                 self.layers["read_only"] = True
             except OSError:
@@ -98,6 +104,18 @@ class _Zygote:
                 os._exit(1)
         return os.waitpid(pid, 0)[1] == 0
 
+    def _minimal_root(self) -> None:
+        """Pivot into a root built from an allowlist (sandbox_sys.pivot_into_minimal_root), on a tmpfs in /run."""
+        new = "/run/qat-root"
+        os.mkdir(new, 0o755)
+        sx.mount("tmpfs", new, "tmpfs", sx.MS_NOSUID | sx.MS_NODEV, "mode=755,size=4m,nr_inodes=8192")
+        cgroups = {d: f"/run/cgroup/{i}" for i, d in enumerate(self.cgroups.dirs)} if self.cgroups else {}
+        users = f"root:x:0:0::/root:/bin/false\nsandbox:x:{self.uid}:{self.uid}::/tmp/sandbox:/bin/false\n"
+        groups = f"root:x:0:\nsandbox:x:{self.uid}:\n"
+        sx.pivot_into_minimal_root(new, cgroups, {"passwd": users, "group": groups, "hosts": "127.0.0.1 localhost\n"})
+        if self.cgroups:
+            self.cgroups.dirs = list(cgroups.values())
+
     def _become_pid1(self) -> None:
         """Serve from pid 1 of the PID namespace just created (used inside a user namespace).
 
@@ -116,7 +134,7 @@ class _Zygote:
         probe = self.run_one({"program": "import math, json, collections\nassert math.gcd(4, 6) == 2\n",
                               "timeout": 30.0, "limits": asdict(Limits())})  # fmt: skip
         error = None if probe["status"] == "passed" else f"self test {probe['status']}: {probe['detail']}"
-        self.send({"layers": self.layers, "error": error, "cgroups": self.cgroups.dirs if self.cgroups else []})
+        self.send({"layers": self.layers, "error": error, "cgroups": self.cgroup_paths})
         while (head := read_exact(self.ctl_in, HEADER.size)) is not None:
             body = read_exact(self.ctl_in, HEADER.unpack(head)[0])
             if body is None:

