@@ -224,6 +224,7 @@ class Cgroups:
 
     def __init__(self, version: int, dirs: list[str]):
         self.version, self.dirs = version, dirs
+        self._limits: tuple[int, int] | None = None  # the limits last set: most runs repeat them
 
     @classmethod
     def create(cls, name: str) -> Cgroups | None:
@@ -261,11 +262,15 @@ class Cgroups:
 
     def limit(self, memory_bytes: int, pids: int) -> None:
         """Set the limits the next run gets (while the cgroup is empty)."""
+        if self._limits == (memory_bytes, pids):
+            return
+        self._limits = None  # unknown until every write below succeeded
         if self.version == 2:
             self._write(self.dirs[0], "memory.max", memory_bytes)
             with contextlib.suppress(OSError):  # no swap configured: no file
                 self._write(self.dirs[0], "memory.swap.max", 0)
             self._write(self.dirs[0], "pids.max", pids)
+            self._limits = (memory_bytes, pids)
             return
         memory, pid_dir = self.dirs
         with contextlib.suppress(OSError):  # memsw must stay >= the limit: lower it after, raise it before
@@ -274,6 +279,7 @@ class Cgroups:
         with contextlib.suppress(OSError):
             self._write(memory, "memory.memsw.limit_in_bytes", memory_bytes)
         self._write(pid_dir, "pids.max", pids)
+        self._limits = (memory_bytes, pids)
 
     def join(self) -> None:
         """Move the calling process into the cgroup(s) ("0" = the writer, in any PID namespace)."""

@@ -38,7 +38,8 @@ class _Zygote:
                        "cgroup": False, "devpts": False, "minimal_root": False}  # fmt: skip
         self.pidns_fd = -1
         self.cgroups: sx.Cgroups | None = None
-        self.cgroup_paths: list[str] = []  # as the host sees them (the evaluator removes them if we are killed)
+        self.cgroup_paths: list[str] = []  # as the host sees them (the evaluator removes them when we are gone)
+        self.ooms = 0  # the cgroup's OOM-kill count after the last run
 
     # Setup, once per zygote. Every step is optional; what worked is reported in `layers`.
     def isolate(self) -> None:
@@ -140,8 +141,7 @@ class _Zygote:
             if body is None:
                 break
             self.send({**self.run_one(json.loads(body)), "layers": [k for k, on in self.layers.items() if on]})
-        if self.cgroups:
-            self.cgroups.remove()
+        # the cgroups are removed by the evaluator once this process is gone (eval/sandbox.py, _Worker.kill)
 
     def send(self, obj: dict) -> None:
         data = json.dumps(obj).encode()
@@ -165,7 +165,7 @@ class _Zygote:
         try:
             if self.cgroups:  # this run's limits on all its processes together (the cgroup is empty now)
                 self.cgroups.limit(lim.memory_mb << 20, lim.processes)
-                ooms = self.cgroups.oom_kills()
+                ooms = self.ooms
             if self.layers["pid_ns"]:
                 sx.unshare(sx.CLONE_NEWPID)  # the next child is pid 1 of a fresh PID namespace
             pid = os.fork()
@@ -259,7 +259,8 @@ class _Zygote:
         for fd in fds.values():
             drain(fd)
         cpu = usage.ru_utime + usage.ru_stime
-        if self.cgroups and self.cgroups.oom_kills() > ooms:  # the kernel killed one of its processes for memory
+        if self.cgroups and (count := self.cgroups.oom_kills()) > ooms:  # the kernel killed one for memory
+            self.ooms = count
             killed = killed or f"memory limit: its processes together exceeded {lim.memory_mb} MiB"
         return asdict(self._verdict(bufs, seconds, status, cpu, killed, timeout, nonce, lim))
 
@@ -318,7 +319,10 @@ class _Zygote:
                 self.cgroups.join()  # with everything it will start: limited and accounted as one
             if self.layers["mount_ns"]:
                 sx.unshare(sx.CLONE_NEWNS | sx.CLONE_NEWIPC)  # this run's own mounts, SysV IPC and POSIX queues
-                if self.layers["read_only"]:
+                if self.cgroups and self.layers["minimal_root"]:  # bound in for the zygote, gone for the program
+                    for d in self.cgroups.dirs:
+                        sx.check(sx.libc.umount2(d.encode(), sx.MNT_DETACH), f"umount {d}")
+                elif self.layers["read_only"]:
                     sx.read_only_mounts(only=sx.CGROUP_TYPES)  # left writable for the zygote, not for the program
                 tmpfs = f"mode=1777,size={lim.tmp_mb}m,nr_inodes={lim.tmp_files}"  # bytes and files both capped
                 for target in ("/tmp", "/dev/shm"):
