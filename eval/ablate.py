@@ -94,6 +94,11 @@ class AblateConfig:
             raise RecipeError(f"metric must be auto, passk or heldout, got {self.metric!r}")
         if not self.seeds:
             raise RecipeError("seeds must name at least one seed")
+        if not self.bits or not set(self.bits) <= {2, 3, 4, 8}:
+            raise RecipeError(f"bits must be a non-empty subset of [8, 4, 3, 2], got {self.bits}")
+        for k in ("heldout_rows", "heldout_seq_len", "limit"):
+            if getattr(self, k) < (0 if k == "limit" else 1):
+                raise RecipeError(f"{k} must be >= {0 if k == 'limit' else 1}, got {getattr(self, k)}")
 
 
 @dataclass

@@ -78,6 +78,8 @@ class EvalConfig:
             raise RecipeError("give exactly one of checkpoint=DIR or rescore=DIR")
         if self.format not in ("auto", "instruct", "completion"):
             raise RecipeError(f"format must be auto, instruct or completion, got {self.format!r}")
+        if self.limit < 0:
+            raise RecipeError(f"limit must be >= 0 (0 = every problem), got {self.limit}")
         for k in ("n", "batch_size", "max_new_tokens", "workers"):
             if getattr(self, k) < 1:
                 raise RecipeError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -262,13 +264,15 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    with exit_on_error(FileNotFoundError, OSError):  # OSError: a hub id that cannot be resolved
+    with exit_on_error(FileNotFoundError, OSError):  # OSError (ConnectionError too): a hub that cannot be reached
         cfg = parse_cli(EvalConfig, sys.argv[1:] if argv is None else argv)
         if cfg.checkpoint:
             from qat.models import check_path, family_of
 
             check_path(cfg.checkpoint, "checkpoint")
             family_of(cfg.checkpoint)
+        for name in cfg.tasks:  # datasets load (local path, cache or hub) before any model work starts
+            tasks.load(name, cfg.paths.get(name) or None)
     summary = evaluate(cfg)
     for task, s in summary["tasks"].items():
         ks = "  ".join(f"{k} {v:.4f}" for k, v in s.items() if k.startswith("pass@"))

@@ -76,6 +76,10 @@ MICRO = "checkpoints/micro-qwen3"
         (HELDOUT, [f"checkpoint={MICRO}", "data=/no/such/corpus"], "/no/such/corpus"),
         (ABLATE, ["recipe=nope"], "unknown recipe"),
         (ABLATE, ["recipe=micro_qwen3_int4", "methods=[qlora]"], "unknown methods"),
+        (ABLATE, ["recipe=micro_qwen3_int4", "bits=[5]"], "bits must be"),
+        (RUN, [f"checkpoint={MICRO}", "limit=-1"], "limit must be >= 0"),
+        (("-m", "qat.models.bpe"), ["out=/nonexistent/bpe", "vocab_size=0"], "vocab_size must be"),
+        (("-m", "qat.models.bases"), ["publish", "src=/nonexistent", "out=/nonexistent/x"], "src=/nonexistent"),
     ],
 )  # fmt: skip
 def test_cli_errors_exit_2_with_one_line(entry, args, match, tmp_path):

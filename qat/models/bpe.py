@@ -57,9 +57,16 @@ def main(argv: list[str] | None = None) -> Path:
             raise RecipeError(f"unknown arguments {sorted(unknown)}: out=DIR vocab_size=N data.KEY=VALUE")
         if "out" not in opts:
             raise RecipeError("out=DIR is required")
+        least = 256 + len(SPECIALS)  # the byte alphabet and the special tokens
+        try:
+            vocab = int(opts.get("vocab_size", 8192))
+        except ValueError:
+            vocab = -1
+        if vocab < least:
+            raise RecipeError(f"vocab_size must be an integer >= {least}, got {opts.get('vocab_size')!r}")
         cfg = parse_cli(DataConfig, [a.removeprefix("data.") for a in args if a.startswith("data.")])
         paths = files(cfg)
-    tok = train_bpe((p.read_text(encoding="utf-8", errors="replace") for p in paths), int(opts.get("vocab_size", 8192)))
+    tok = train_bpe((p.read_text(encoding="utf-8", errors="replace") for p in paths), vocab)
     out = Path(opts["out"])
     tok.save_pretrained(out)
     print(f"{out}: {len(tok)} tokens from {len(paths)} files")
