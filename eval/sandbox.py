@@ -57,10 +57,11 @@ Layers, and what each one stops:
   there and vanish with the run), /proc shows only the run's PID namespace, and /dev/pts is the run's own devpts
   instance. Without the pivot (not root): a read-only view of the host with /run covered; an interpreter under
   a directory the uid cannot enter is exposed by bind mounts at the same paths.
-- I/O: stdin is /dev/null (`input()` fails at once); stdout/stderr go to pipes the zygote drains, keeping the
-  last 64 KiB of each; past 16 MiB of output on stdout, stderr and the report pipe together the program is killed ("failed", output limit), so an endless print
-  loop never stalls or bloats anything. The environment is scrubbed to PATH, LANG, PYTHONHASHSEED=0 (fixed set
-  order for reproducible verdicts), OMP_NUM_THREADS=1 and HOME: the evaluator's secrets are never inherited.
+- I/O: stdin is /dev/null (`input()` fails at once); stdout/stderr go to pipes the zygote drains, keeping the last
+  64 KiB of each; past 16 MiB of output on stdout, stderr and the report pipe together the program is killed
+  ("failed", output limit), so an endless print loop never stalls or bloats anything. The environment is scrubbed to
+  PATH, LANG, PYTHONHASHSEED=0 (fixed set order for reproducible verdicts), OMP_NUM_THREADS=1 and HOME: the
+  evaluator's secrets are never inherited.
 - Verdict: "passed" only if the program's top level ran to its end, proven by a per-run random nonce written to
   a report pipe after exec() returns. `sys.exit(0)`, `exit()` or `os._exit(0)` before the tests therefore fail.
 
