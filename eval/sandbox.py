@@ -62,8 +62,15 @@ Layers, and what each one stops:
   ("failed", output limit), so an endless print loop never stalls or bloats anything. The environment is scrubbed to
   PATH, LANG, PYTHONHASHSEED=0 (fixed set order for reproducible verdicts), OMP_NUM_THREADS=1 and HOME: the
   evaluator's secrets are never inherited.
-- Verdict: "passed" only if the program's top level ran to its end, proven by a per-run random nonce written to
-  a report pipe after exec() returns. `sys.exit(0)`, `exit()` or `os._exit(0)` before the tests therefore fail.
+- Verdict: "passed" only if the top level ran to its end, proven by a per-run random nonce written to a report
+  pipe after exec() returns. `sys.exit(0)`, `exit()` or `os._exit(0)` before the tests therefore fail. For a
+  `Split(candidate, tests)` (what eval.run runs) the tests run in the program process, pid 1 of the run, and the
+  candidate in a child forked from it, which loses the report pipe before its code runs; the tests reach it only
+  through a plain-data channel (eval/sandbox_channel.py: values are rebuilt on the tests' side, the candidate's
+  objects stay remote and equal only to themselves), the tests' process is non-dumpable (no /proc/<pid>/mem or
+  fd access for the same uid; ptrace is filtered) and, as pid 1, ignores the candidate's signals. Nothing the
+  candidate does in its own process (read the nonce out of its memory, replace builtins, return an object whose
+  `__eq__` lies, trace, exit early, kill) can make the tests pass.
 
 Degrading. Each layer is tried and recorded in `Sandbox.layers`. Not root: no uid drop (NPROC is enforced for
 non-root users anyway); an unprivileged user namespace, where the kernel allows it, still gives the network,
@@ -73,12 +80,12 @@ own session + rlimits + a host temp dir only; a daemon that calls setsid survive
 the program can write wherever its uid can and can reach the network. Root without mount namespaces and an
 interpreter 65534 cannot read: the start-up self test fails and `Sandbox()` raises SandboxError.
 
-Not covered: a kernel exploit (the filter narrows the surface, it does not remove it), CPU contention between
-workers (keep workers <= cores; verdicts under load can change), and, above all, a program written to forge its
-own verdict: the nonce proves the top level ran to its end, but the tests run in the candidate's own process,
-so code that reads the nonce out of its own memory, replaces what the tests call (builtins, `__eq__`) or traces
-the test function can fake a pass. It cannot harm the host or other runs; it can lie about itself. Moving the
-test code into a second process that reaches the candidate through a plain-data channel is the fix (issue 10).
+Not covered: a kernel exploit (the filter narrows the surface, it does not remove it); CPU contention between
+workers (keep workers <= cores; verdicts under load can change); a plain program string, whose tests run in the
+candidate's own process, can forge its verdict (use Split for untrusted code); with Split, a candidate can still
+answer the tests' questions correctly by any means it likes (hard-coding expected outputs is not a sandbox
+matter), and tests that rely on mutating their arguments in place or on passing functions to the candidate
+cannot be expressed (none of HumanEval's or MBPP's do; every reference passes split).
 
 Status meanings: passed (ran to its end), failed (exception, assertion, syntax error, early exit, killed by a
 signal, memory or output limit), timeout (wall-clock deadline or CPU limit), error (the sandbox could not run it:
@@ -146,6 +153,15 @@ class Limits:
     tmp_files: int = 4096  # inodes (files and directories) in each of them: empty files cost memory too
     keep_bytes: int = 64 * 1024  # tail of stdout / stderr kept
     output_bytes: int = 16 * 1024 * 1024  # more than this on stdout + stderr kills the program
+
+
+@dataclass(frozen=True)
+class Split:
+    """A candidate's code and the tests that judge it, run in two processes: the tests reach the candidate only
+    through a plain-data channel (eval/sandbox_channel.py), so the candidate cannot forge their verdict."""
+
+    candidate: str
+    tests: str
 
 
 def time_limit(reference_seconds: float, floor: float = 4.0, factor: float = 8.0) -> float:
@@ -267,10 +283,10 @@ class Sandbox:
             w.close()
         self._workers = []
 
-    def run(self, program: str, timeout_s: float = 10.0, memory_mb: int | None = None) -> Outcome:
+    def run(self, program: str | Split, timeout_s: float = 10.0, memory_mb: int | None = None) -> Outcome:
         return self.run_many([program], timeout_s, memory_mb)[0]
 
-    def run_many(self, programs: Sequence[str], timeouts: float | Sequence[float] = 10.0,
+    def run_many(self, programs: Sequence[str | Split], timeouts: float | Sequence[float] = 10.0,
                  memory_mb: int | None = None, progress: bool = False) -> list[Outcome]:  # fmt: skip
         """Run every program (each with its own time limit) and return their outcomes in order."""
         n = len(programs)
@@ -304,7 +320,9 @@ class Sandbox:
                     w, i = idle.pop(), todo.popleft()
                     busy[w] = (i, time.monotonic() + seconds[i] + self.grace_s)
                     try:
-                        w.send({"program": programs[i], "timeout": seconds[i], "limits": lim})
+                        p = programs[i]
+                        code = {"candidate": p.candidate, "tests": p.tests} if isinstance(p, Split) else {"program": p}
+                        w.send({**code, "timeout": seconds[i], "limits": lim})
                     except OSError as e:
                         finish(w, Outcome("error", detail=f"sandbox worker died: {e}"), restart=True)
                 wait = max(0.0, min(d for _, d in busy.values()) - time.monotonic()) if busy else 0.0
@@ -326,7 +344,7 @@ _default: Sandbox | None = None
 _default_lock = _thread.allocate_lock()
 
 
-def run(program: str, timeout_s: float = 10.0, memory_mb: int = 2048) -> Outcome:
+def run(program: str | Split, timeout_s: float = 10.0, memory_mb: int = 2048) -> Outcome:
     """Run one program in a shared one-worker sandbox (started on first use, closed at interpreter exit)."""
     global _default
     with _default_lock:
@@ -338,7 +356,7 @@ def run(program: str, timeout_s: float = 10.0, memory_mb: int = 2048) -> Outcome
     return _default.run(program, timeout_s, memory_mb)
 
 
-def run_many(programs: Sequence[str], timeouts: float | Sequence[float] = 10.0, memory_mb: int = 2048,
+def run_many(programs: Sequence[str | Split], timeouts: float | Sequence[float] = 10.0, memory_mb: int = 2048,
              workers: int = 2, progress: bool = False) -> list[Outcome]:  # fmt: skip
     """Run a batch in a fresh sandbox of `workers` zygotes; outcomes in the programs' order."""
     with Sandbox(workers=workers, memory_mb=memory_mb) as box:

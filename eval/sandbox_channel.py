@@ -171,7 +171,7 @@ def _read(fd: int, n: int) -> bytes:
 MODULE_TAG = "m"  # in the names reply only: a module the candidate imported, re-imported by name on the test side
 
 
-def serve(fd: int, namespace: dict) -> None:
+def serve(rfd: int, wfd: int, namespace: dict) -> None:
     """The candidate's side: answer requests about `namespace` (its module's globals) until the tests hang up.
 
     Requests: ["names"] → {name: value, handle or ["m", module name]}; ["call", h, args, kwargs];
@@ -190,7 +190,7 @@ def serve(fd: int, namespace: dict) -> None:
 
     while True:
         try:
-            req = recv(fd)
+            req = recv(rfd)
         except ChannelError:
             return
         try:
@@ -220,14 +220,14 @@ def serve(fd: int, namespace: dict) -> None:
                 reply = ["x", type(e).__name__, str(e)[:2000]]
             except Exception:
                 reply = ["x", type(e).__name__, ""]
-        send(fd, reply)
+        send(wfd, reply)
 
 
 class Client:
     """The tests' side: requests to the candidate's process, answers rebuilt as plain values or `Remote`s."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, rfd: int, wfd: int):
+        self.rfd, self.wfd = rfd, wfd
 
     def _handle(self, obj) -> int:
         if isinstance(obj, Remote):
@@ -238,8 +238,8 @@ class Client:
         return Remote(self, h, type_name)
 
     def request(self, op: str, *args):
-        send(self.fd, [op, *[encode(a, self._handle) if i else a for i, a in enumerate(args)]])
-        reply = recv(self.fd)
+        send(self.wfd, [op, *[encode(a, self._handle) if i else a for i, a in enumerate(args)]])
+        reply = recv(self.rfd)
         if type(reply) is list and len(reply) == 2 and reply[0] == "ok":
             return reply[1] if op == "names" else decode(reply[1], self.remote)
         if type(reply) is list and len(reply) == 3 and reply[0] == "x" and all(type(x) is str for x in reply[1:]):
@@ -257,9 +257,10 @@ class Client:
         out = {}
         for name, value in raw.items():
             if type(value) is list and len(value) == 2 and value[0] == MODULE_TAG and type(value[1]) is str:
-                top = value[1].split(".")[0]
-                if top in sys.stdlib_module_names:  # only the standard library, never a name of its choosing
-                    out[name] = importlib.import_module(value[1])
+                # `import math` (or `import os.path`, which binds os): the test side imports the same standard
+                # module itself; a module bound to another name (`import cmath as math`) is not followed
+                if value[1].split(".")[0] == name and name in sys.stdlib_module_names:
+                    out[name] = importlib.import_module(name)
                 continue
             out[name] = decode(value, self.remote)
         return out

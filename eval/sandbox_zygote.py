@@ -22,7 +22,8 @@ import time
 import types
 from dataclasses import asdict
 
-import sandbox_sys as sx  # run as a script: this directory is sys.path[0]
+import sandbox_channel as channel  # run as a script: this directory is sys.path[0]
+import sandbox_sys as sx
 from sandbox import HEADER, PRELOAD, REPORT_FD, Limits, Outcome, read_exact
 
 
@@ -151,7 +152,8 @@ class _Zygote:
 
     # One run: fork the program, watch its pipes until it exits or the deadline passes, decide the verdict.
     def run_one(self, req: dict) -> dict:
-        program, timeout, lim = req["program"], float(req["timeout"]), Limits(**req["limits"])
+        program = req["program"] if "program" in req else (req["candidate"], req["tests"])
+        timeout, lim = float(req["timeout"]), Limits(**req["limits"])
         nonce = os.urandom(16).hex()
         pipes = {name: os.pipe() for name in ("out", "err", "report")}
         host_tmp = None
@@ -298,7 +300,41 @@ class _Zygote:
     # left behind. (Pid 1 is immune to default-action signals sent from inside its namespace, so the program
     # cannot kill itself with e.g. os.kill(os.getpid(), SIGTERM) and RLIMIT_CPU acts at the hard limit, 1 s after
     # the soft one. An init process between us and the program would avoid that but cost a fork per run.)
-    def _program(self, program: str, timeout: float, lim: Limits, nonce: str, pipes: dict, host_tmp: str | None):
+    @staticmethod
+    def _tests_beside_candidate(candidate: str, tests: str, namespace: dict) -> None:
+        """Run `tests` in this process against `candidate` run in a forked child (eval/sandbox_channel.py).
+
+        The child cannot touch this process: it loses the report pipe before its code runs, this process turns
+        non-dumpable (its /proc/<pid>/mem and fds are closed to the same uid; ptrace is filtered), and as pid 1 of
+        the namespace it ignores the child's signals. What the tests compare is rebuilt here from plain data."""
+        requests, replies = os.pipe(), os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(REPORT_FD)
+            os.close(requests[1])
+            os.close(replies[0])
+            code = 0
+            try:
+                exec(compile(candidate, "<candidate>", "exec"), namespace)
+            except BaseException as e:  # the tests' first request gets it as the answer: they fail with it
+                sys.__excepthook__(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
+                with contextlib.suppress(BaseException):
+                    channel.send(replies[1], ["x", type(e).__name__, str(e)[:2000]])
+                os._exit(1)
+            try:
+                channel.serve(requests[0], replies[1], namespace)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(requests[0])
+        os.close(replies[1])
+        sx.prctl(sx.PR_SET_DUMPABLE, 0)
+        client = channel.Client(replies[0], requests[1])
+        namespace.update(client.names())
+        exec(compile(tests, "<tests>", "exec"), namespace)
+
+    def _program(self, program: str | tuple[str, str], timeout: float, lim: Limits, nonce: str, pipes: dict,
+                 host_tmp: str | None):  # fmt: skip
         write, exit_now, getpid = os.write, os._exit, os.getpid  # the program may clobber os.*, sys.*, contextlib
         print_exception = sys.__excepthook__  # what `python program.py` prints with (C, honours tracebacklimit)
 
@@ -365,7 +401,10 @@ class _Zygote:
         sys.modules["__main__"], sys.argv = main, ["<program>"]
         status = 1  # the exit status Python itself would give
         try:
-            exec(compile(program, "<program>", "exec"), main.__dict__)
+            if isinstance(program, str):
+                exec(compile(program, "<program>", "exec"), main.__dict__)
+            else:  # (candidate, tests): the tests run here, the candidate in a child they reach through a channel
+                self._tests_beside_candidate(*program, main.__dict__)
             outcome, status = "passed", 0
         except SystemExit as e:
             outcome = f"exit {e.code!r}"[:300]

@@ -192,12 +192,16 @@ class Problem:
             return sanitize(self.prompt + "\n" + body, self.entry_point)
         return completion if _check_format(format) == "completion" else completion.split("```")[0]
 
-    def program(self, completion: str, format: str = "completion") -> str:
-        """The full program to execute: it exits normally exactly when the completion passes the tests."""
-        code = self.solution(completion, format)
+    def tests(self) -> str:
+        """The code that judges a solution: HumanEval's check() and its call, or MBPP's setup and asserts."""
         if self.style == "humaneval":
-            return code + "\n" + self.test + "\n" + f"check({self.entry_point})"
-        return code + "\n" + self.test
+            return self.test + "\n" + f"check({self.entry_point})"
+        return self.test
+
+    def program(self, completion: str, format: str = "completion") -> str:
+        """The full program to execute: it exits normally exactly when the completion passes the tests. It is
+        `solution + "\\n" + tests()`; eval.run runs the two parts in separate processes (sandbox.Split)."""
+        return self.solution(completion, format) + "\n" + self.tests()
 
 
 def instruct_prompt(problem: Problem, tokenizer) -> str:

@@ -91,6 +91,13 @@ def test_run_end_to_end_on_a_tiny_artifact(tmp_path, data_paths, family):
         assert all(r["passed"] == (r["status"] == "passed") for r in mine)
     assert len(lines) == 4 and all({"prompt", "completion", "program", "status", "passed"} <= r.keys() for r in lines)
     assert all(r["prompt"].startswith("<|im_start|>user") for r in lines)
+    from eval.run import runnable
+    from eval.sandbox import Split
+
+    for r in lines:  # solution and tests ran in two processes, split where the record says
+        split = runnable(r)
+        assert isinstance(split, Split) and split.candidate + "\n" + split.tests == r["program"]
+        assert "assert" in split.tests and "assert" not in split.candidate.split("def ")[0]
     assert summary["family"] == family and summary["quantization"]["bits"] == 4
     again = main([f"rescore={out}"])
     assert again["tasks"] == json.loads((out / "summary.json").read_text())["tasks"]

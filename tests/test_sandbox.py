@@ -405,3 +405,74 @@ def test_the_interpreter_and_stdlib_still_work(box):
 def test_the_outcome_names_the_active_layers(box):
     o = check(box, GOOD)
     assert set(o.layers) == {k for k, v in box.layers.items() if v}
+
+
+# ----------------------------------------------------------------- forged verdicts (solution and tests split)
+
+FIND_NONCE = """
+import gc, os, sys
+nonce = None
+f = sys._getframe()
+while f is not None and nonce is None:
+    nonce = f.f_locals.get("nonce")
+    f = f.f_back
+"""
+WRONG = "def add(a, b):\n    return a - b\n"
+TESTS = "assert add(2, 3) == 5\nassert abs(add(-1, 1)) < 1e-9\n"
+# Each forges a pass when the tests run in the candidate's own process (a plain program string: checked by
+# test_forgers_do_forge_a_single_program where they do); split, none may.
+FORGERS = {
+    "nonce from frames, written to the report fd": FIND_NONCE
+    + "os.write(3, f'{nonce} passed\\n'.encode())\nos._exit(0)\n",
+    "report closure from gc": "import gc, os\nfor o in gc.get_objects():\n"
+                              "    if getattr(o, '__name__', '') == 'report' and callable(o):\n"
+                              "        o('passed')\nos._exit(0)\n",
+    "a subprocess writes the report": FIND_NONCE + "import subprocess\nsubprocess.run([sys.executable, '-c', "
+                                      "f\"import os; os.write(3, b'{nonce} passed')\"], pass_fds=(3,))\nos._exit(0)\n",
+    "always-equal result": "class Eq:\n    def __eq__(self, other):\n        return True\n"
+                           "    def __abs__(self):\n        return 0\n"
+                           "def add(a, b):\n    return Eq()\n",
+    "builtins replaced": "import builtins\nbuiltins.abs = lambda x: 0\nadd = lambda a, b: 5\n",
+    "the tests' memory via /proc": "import os\nos.open('/proc/1/mem', os.O_RDWR)\n",
+    "the tests' report fd via /proc": FIND_NONCE
+    + "open('/proc/1/fd/3', 'w').write(f'{nonce} passed\\n')\nos._exit(0)\n",
+    "trace the tests": "import sys, threading\nsys.settrace(lambda *a: None)\nthreading.settrace(lambda *a: None)\n",
+    "kill the tests' process": "import os, signal\nfor s in (signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM):\n"
+                               "    try:\n        os.kill(1, s)\n    except OSError:\n        pass\n",
+    "exit early": "import sys\nsys.exit(0)\n",
+}  # fmt: skip
+FORGE_ONE_PROGRAM = ["nonce from frames, written to the report fd", "report closure from gc",
+                     "a subprocess writes the report", "always-equal result", "builtins replaced"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FORGE_ONE_PROGRAM)
+def test_forgers_do_forge_a_single_program(box, name):
+    """The threat is real: with the tests in the candidate's own process these pass a wrong solution."""
+    forger = FORGERS[name]
+    candidate = WRONG + forger if "def add" not in forger and "add =" not in forger else forger
+    assert box.run(candidate + "\n" + TESTS, 5.0).passed
+
+
+@pytest.mark.parametrize("forger", list(FORGERS.values()), ids=list(FORGERS))
+def test_a_candidate_cannot_forge_its_verdict(box, forger):
+    require(box, "pid_ns")  # the tests' process is pid 1 of the run: the candidate cannot signal it
+    candidate = WRONG + forger if "def add" not in forger and "add =" not in forger else forger
+    o = box.run(sandbox.Split(candidate, TESTS), 5.0)
+    assert o.status == "failed", o
+    assert box.run(sandbox.Split(GOOD.split("\n\n\n")[0] + "\n", TESTS), 5.0).passed  # and the sandbox works on
+
+
+def test_split_runs_see_the_candidates_values_classes_and_modules(box):
+    candidate = ("import math\nfrom collections import Counter\nclass Node:\n"
+                 "    def __init__(self, v):\n        self.v, self.next = v, None\n"
+                 "def length(n):\n    return 0 if n is None else 1 + length(n.next)\n"
+                 "def counts(s):\n    return Counter(s)\n"
+                 "def evens(n):\n    return (i for i in range(0, n, 2))\nK = 3\n")
+    tests = ("a = Node(1)\na.next = Node(2)\nassert length(a) == 2 and a.v == 1\n"
+             "assert counts('aab') == {'a': 2, 'b': 1}\nassert list(evens(5)) == [0, 2, 4]\n"
+             "assert math.isclose(K * 1.0, 3)\ntry:\n    length(5)\nexcept AttributeError:\n    pass\n"
+             "else:\n    raise AssertionError('no exception')\n")  # fmt: skip
+    o = box.run(sandbox.Split(candidate, tests), 5.0)
+    assert o.passed, o
+    broken = box.run(sandbox.Split("raise KeyError('nope')\n", "assert True\n"), 5.0)
+    assert broken.status == "failed" and "KeyError" in broken.detail

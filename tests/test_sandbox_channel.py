@@ -19,6 +19,7 @@ from eval import sandbox_channel as ch
 
 CANDIDATE = """
 import math
+import cmath as sqrtlib
 from collections import Counter
 
 class Node:
@@ -51,10 +52,10 @@ def names():
     a, b = socket.socketpair()
     ns: dict = {}
     exec(CANDIDATE, ns)
-    server = threading.Thread(target=ch.serve, args=(b.fileno(), ns))
+    server = threading.Thread(target=ch.serve, args=(b.fileno(), b.fileno(), ns))
     server.start()
     try:
-        yield ch.Client(a.fileno()).names()
+        yield ch.Client(a.fileno(), a.fileno()).names()
     finally:
         a.close()
         server.join(5)
@@ -121,6 +122,7 @@ def test_calls_return_plain_values(names):
     assert got[:5] == [1, (2,), {3: {4}}, b"ab", 1 + 2j] and math.isnan(got[5])
     assert got[6] == {"a": 2, "b": 1} and list(got[7]) == ["0", "1", "2"] and got[8:] == [None, True, 2**100]
     assert names["K"] == 42 and names["math"] is math  # modules are imported on the test side, by name
+    assert "sqrtlib" not in names  # a module under another name is not followed
 
 
 def test_objects_stay_in_the_candidates_process(names):

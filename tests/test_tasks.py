@@ -6,10 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import subprocess
-import sys
-import tempfile
-from multiprocessing.pool import ThreadPool
 
 import pytest
 
@@ -26,28 +22,18 @@ needs_data = pytest.mark.skipif(not (HUMANEVAL.is_file() and MBPP.is_file() and 
                                 reason="no shared HumanEval/MBPP data")  # fmt: skip
 
 
-def execute(programs: list[str], timeout_s: float = 20.0) -> list[bool]:
-    """Pass/fail of each program: eval.sandbox (2 warm workers) when it exists, else a fresh isolated interpreter
-    per program, 2 at a time. 20 s because MBPP 123's reference alone needs ~5 s on a loaded 2-core machine.
-    """
-    try:
-        from eval.sandbox import run_many
-    except ImportError:
-        run_many = None
-    if run_many is not None:
-        return [o.passed for o in run_many(programs, timeout_s, memory_mb=2048, workers=2)]
+def execute(programs: list, timeout_s: float = 20.0) -> list[bool]:
+    """Pass/fail of each program (a string, or a sandbox.Split of solution and tests) in eval.sandbox, 2 workers.
+    20 s because MBPP 123's reference alone needs ~5 s on a loaded 2-core machine."""
+    from eval.sandbox import run_many
 
-    def one(program: str) -> bool:
-        with tempfile.TemporaryDirectory() as cwd:  # programs may write files: keep them out of the repo
-            try:
-                done = subprocess.run([sys.executable, "-I", "-c", program], cwd=cwd, capture_output=True,
-                                      stdin=subprocess.DEVNULL, timeout=timeout_s)  # fmt: skip
-            except subprocess.TimeoutExpired:
-                return False
-            return done.returncode == 0
+    return [o.passed for o in run_many(programs, timeout_s, memory_mb=2048, workers=2)]
 
-    with ThreadPool(2) as pool:
-        return pool.map(one, programs)
+
+def runnable(p, completion: str, format: str, split: bool):
+    from eval.sandbox import Split
+
+    return Split(p.solution(completion, format), p.tests()) if split else p.program(completion, format)
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +116,14 @@ def test_errors(tmp_path):
 
 @needs_data
 @pytest.mark.slow
-def test_every_reference_passes_and_empty_or_wrong_completions_fail(humaneval, mbpp, mbpp_sanitized):
+@pytest.mark.parametrize("split", [True, False], ids=["solution and tests in two processes", "one program"])
+def test_every_reference_passes_and_empty_or_wrong_completions_fail(humaneval, mbpp, mbpp_sanitized, split):
     problems = humaneval + mbpp + mbpp_sanitized
-    assert all(execute([p.program(p.reference) for p in problems]))
+    passed = execute([runnable(p, p.reference, "completion", split) for p in problems])
+    assert [p.task_id for p, ok in zip(problems, passed, strict=True) if not ok] == []
     none = lambda p: "    return None\n" if p.style == "humaneval" else f"def {p.entry_point}(*a):\n    return None\n"
-    wrong = [p.program(none(p)) for p in problems]
-    assert not any(execute([p.program("") for p in problems] + wrong))
+    wrong = [runnable(p, c, "completion", split) for p in problems for c in ("", none(p))]
+    assert not any(execute(wrong))
 
 
 @needs_data
@@ -143,7 +131,7 @@ def test_every_reference_passes_and_empty_or_wrong_completions_fail(humaneval, m
 def test_references_pass_in_the_instruct_format(humaneval, mbpp):
     # A chat answer: the solution, the closing fence, prose; cut at the stop strings as the generator does.
     answers = [truncate(p.reference + "\n```\n\nThis solves the task.", p.stops("instruct")) for p in humaneval + mbpp]
-    passed = execute([p.program(a, "instruct") for p, a in zip(humaneval + mbpp, answers, strict=True)])
+    passed = execute([runnable(p, a, "instruct", True) for p, a in zip(humaneval + mbpp, answers, strict=True)])
     failed = [p.task_id for p, ok in zip(humaneval + mbpp, passed, strict=True) if not ok]
     # sanitize keeps what decode_shift needs, but HumanEval/50's test also calls the prompt's encode_shift:
     # faithful to CoDA's harness, that task cannot pass in the instruct format.
