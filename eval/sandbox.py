@@ -106,6 +106,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+DISABLEABLE = ("net_ns", "mount_ns", "pid_ns", "seccomp", "cgroup", "minimal_root", "devpts", "oom_score_adj")
 RUN_UID = 64000  # worker i runs its programs as uid/gid RUN_UID + i (when root): no run shares a uid with another
 MAX_WORKERS = 1000  # so the uids stay below nobody (65534)
 STATUSES = ("passed", "failed", "timeout", "error")
@@ -175,7 +176,7 @@ def time_limit(reference_seconds: float, floor: float = 4.0, factor: float = 8.0
 class _Worker:
     """One zygote process and its control pipe (length-prefixed JSON both ways)."""
 
-    def __init__(self, python: str, index: int):
+    def __init__(self, python: str, index: int, disable: tuple[str, ...] = ()):
         # Imported here: the zygote imports this file and must stay lean. subprocess (and threading,
         # which it imports) add at-fork hooks and memory that made every fork measurably slower.
         import subprocess
@@ -183,7 +184,8 @@ class _Worker:
         env = {"PATH": f"{os.path.dirname(python)}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "HOME": "/"}  # fmt: skip
         # -s: no user site-packages. Not -I/-E, which would also ignore PYTHONHASHSEED; the env is ours anyway.
-        self.proc = subprocess.Popen([python, "-s", ZYGOTE, str(RUN_UID + index)], stdin=subprocess.PIPE,
+        argv = [python, "-s", ZYGOTE, str(RUN_UID + index), ",".join(disable)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, cwd="/", start_new_session=True)  # fmt: skip
         self.fd = self.proc.stdout.fileno()
 
@@ -246,7 +248,13 @@ class Sandbox:
     """
 
     def __init__(self, workers: int = 2, memory_mb: int | None = None, limits: Limits | None = None,
-                 grace_s: float = 5.0, python: str | None = None):  # fmt: skip
+                 grace_s: float = 5.0, python: str | None = None, disable: Sequence[str] = ()):  # fmt: skip
+        """`disable`: layers not to set up even where the machine allows them (DISABLEABLE; for testing that the
+        others still hold, as on a machine without them)."""
+        unknown = set(disable) - set(DISABLEABLE)
+        if unknown:
+            raise ValueError(f"cannot disable {sorted(unknown)}; layers that can be: {', '.join(DISABLEABLE)}")
+        self.disable = tuple(disable)
         self.limits = limits or Limits()
         if memory_mb is not None:
             self.limits = Limits(**{**asdict(self.limits), "memory_mb": memory_mb})
@@ -257,7 +265,7 @@ class Sandbox:
         try:
             if not 1 <= workers <= MAX_WORKERS:
                 raise ValueError(f"workers must be in 1..{MAX_WORKERS}, got {workers}")
-            self._workers = [_Worker(self.python, i) for i in range(workers)]  # they start up in parallel
+            self._workers = [_Worker(self.python, i, self.disable) for i in range(workers)]  # start in parallel
             for w in self._workers:
                 w.ready()
         except BaseException:
@@ -310,7 +318,7 @@ class Sandbox:
                 if restart:  # a dead or stalled zygote: replace it and carry on
                     w.kill()
                     slot = self._workers.index(w)
-                    w = self._workers[slot] = _Worker(self.python, slot).ready()
+                    w = self._workers[slot] = _Worker(self.python, slot, self.disable).ready()
                 idle.append(w)
                 if bar:
                     bar.update(1)

@@ -30,8 +30,9 @@ from sandbox import HEADER, PRELOAD, REPORT_FD, Limits, Outcome, read_exact
 class _Zygote:
     """The warm worker: sets up the namespaces once, then forks one process per program."""
 
-    def __init__(self, ctl_in: int, ctl_out: int, uid: int):
+    def __init__(self, ctl_in: int, ctl_out: int, uid: int, disable: set[str] = frozenset()):
         self.ctl_in, self.ctl_out = ctl_in, ctl_out
+        self.disable = disable  # layers the caller asked us not to set up (tests of the others)
         self.root = os.geteuid() == 0
         self.uid = uid  # this worker's own unprivileged uid (and gid), when root
         self.layers = {"uid_drop": self.root, "user_ns": False, "net_ns": False, "mount_ns": False,
@@ -47,10 +48,13 @@ class _Zygote:
         with contextlib.suppress(OSError):  # orphans of a run reparent here (not to host init) and get reaped
             sx.prctl(sx.PR_SET_CHILD_SUBREAPER, 1)
         with contextlib.suppress(OSError):  # inherited by every program (which cannot lower it): under memory
-            _write("/proc/self/oom_score_adj", "1000")  # pressure the kernel kills a run, not the evaluator
-            self.layers["oom_score_adj"] = True
+            if "oom_score_adj" not in self.disable:  # pressure the kernel kills a run, not the evaluator
+                _write("/proc/self/oom_score_adj", "1000")
+                self.layers["oom_score_adj"] = True
         if self.root:
             for name, flag in (("net_ns", sx.CLONE_NEWNET), ("mount_ns", sx.CLONE_NEWNS)):
+                if name in self.disable:
+                    continue
                 with contextlib.suppress(OSError):
                     sx.unshare(flag)
                     self.layers[name] = True
@@ -63,7 +67,8 @@ class _Zygote:
                         f.write(text)
                 self.layers.update(user_ns=True, net_ns=True, mount_ns=True)
         with contextlib.suppress(OSError):  # before the mounts turn read-only
-            self.cgroups = sx.Cgroups.create(f"qat-sandbox-{os.getpid()}")
+            if "cgroup" not in self.disable:
+                self.cgroups = sx.Cgroups.create(f"qat-sandbox-{os.getpid()}")
             self.layers["cgroup"] = self.cgroups is not None
             self.cgroup_paths = list(self.cgroups.dirs) if self.cgroups else []
         if self.layers["mount_ns"]:
@@ -71,17 +76,21 @@ class _Zygote:
                 sx.mount(None, "/", None, sx.MS_REC | sx.MS_PRIVATE)  # nothing we mount propagates to the host
                 if os.path.isdir("/run"):  # host daemons' sockets and the world-writable /run/lock
                     sx.mount("tmpfs", "/run", "tmpfs", sx.MS_NOSUID | sx.MS_NODEV, "mode=755,size=1m")
-                if self.root:
+                if self.root and "minimal_root" not in self.disable:
                     try:
                         self._minimal_root()
                         self.layers["minimal_root"] = True
                     except OSError:  # keep the read-only view of the host, with what the interpreter needs
                         sx.expose(sx.interpreter_dirs())
+                elif self.root:
+                    sx.expose(sx.interpreter_dirs())
                 sx.read_only_mounts(skip=sx.CGROUP_TYPES)  # the zygote sets each run's limits; runs see them ro
                 self.layers["read_only"] = True
             except OSError:
                 self.layers["mount_ns"] = False  # per-run mounts would fail too: use a host temp dir instead
         with contextlib.suppress(OSError):
+            if "pid_ns" in self.disable:
+                raise OSError("disabled")
             self.pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY)
             sx.unshare(sx.CLONE_NEWPID)  # probe: children of the next fork would get a fresh PID namespace...
             try:
@@ -89,9 +98,10 @@ class _Zygote:
             except OSError:
                 self._become_pid1()
             self.layers["pid_ns"] = True
-        self.layers["seccomp"] = sx.seccomp_available() and self._probe(sx.install_seccomp)
-        self.layers["devpts"] = self.layers["mount_ns"] and self._probe(lambda: (sx.unshare(sx.CLONE_NEWNS),
-                                                                                 _own_devpts()))  # fmt: skip
+        self.layers["seccomp"] = ("seccomp" not in self.disable and sx.seccomp_available()
+                                  and self._probe(sx.install_seccomp))  # fmt: skip
+        self.layers["devpts"] = ("devpts" not in self.disable and self.layers["mount_ns"]
+                                 and self._probe(lambda: (sx.unshare(sx.CLONE_NEWNS), _own_devpts())))  # fmt: skip
 
     @staticmethod
     def _probe(setup) -> bool:
@@ -454,7 +464,8 @@ def _zygote_main() -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
-    zygote = _Zygote(ctl_in, ctl_out, uid=int(sys.argv[1]) if len(sys.argv) > 1 else 65534)
+    disable = set(sys.argv[2].split(",")) - {""} if len(sys.argv) > 2 else set()
+    zygote = _Zygote(ctl_in, ctl_out, uid=int(sys.argv[1]) if len(sys.argv) > 1 else 65534, disable=disable)
     zygote.isolate()
     zygote.serve()
 
