@@ -314,7 +314,8 @@ ETC_FILES = ("ld.so.cache", "ld.so.conf", "localtime", "nsswitch.conf")  # read 
 PACKAGE_DIRS = ("site-packages", "dist-packages", "python3*/site-packages", "python3*/dist-packages")
 
 
-def _bind(src: str, dst: str) -> None:
+def bind(src: str, dst: str) -> None:
+    """Bind-mount `src` (a directory or a file) at `dst`, creating the mount point."""
     if os.path.isdir(src):
         os.makedirs(dst, mode=0o755, exist_ok=True)
     else:
@@ -357,27 +358,27 @@ def pivot_into_minimal_root(new: str, extra: dict[str, str], etc: dict[str, str]
         if os.path.islink(p) and os.path.dirname(p) == "/":  # merged /usr: /bin -> usr/bin
             os.symlink(os.readlink(p), new + p)
         elif not os.path.islink(p) or os.path.exists(p):
-            _bind(os.path.realpath(p) if os.path.islink(p) else p, new + p)
+            bind(os.path.realpath(p) if os.path.islink(p) else p, new + p)
     for p in package_dirs([q for q in allow if os.path.isdir(q)]):
         if os.path.isdir(new + p):
             mount("tmpfs", new + p, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k,nr_inodes=1,mode=755")
     for name in DEVICES:
-        _bind(f"/dev/{name}", f"{new}/dev/{name}")
+        bind(f"/dev/{name}", f"{new}/dev/{name}")
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):  # fmt: skip
         os.symlink(target, f"{new}/dev/{name}")
     for d in ("dev/pts", "dev/shm", "tmp", "proc", "etc"):
         os.makedirs(f"{new}/{d}", mode=0o755, exist_ok=True)
     open(f"{new}/dev/ptmx", "a").close()  # a mount point for the run's own devpts
-    _bind("/proc", f"{new}/proc")  # the zygote's view; each run mounts its own over it
+    bind("/proc", f"{new}/proc")  # the zygote's view; each run mounts its own over it
     for name in ETC_FILES:
         if os.path.isfile(f"/etc/{name}"):
-            _bind(f"/etc/{name}", f"{new}/etc/{name}")
+            bind(f"/etc/{name}", f"{new}/etc/{name}")
     for name, text in etc.items():
         with open(f"{new}/etc/{name}", "w") as f:
             f.write(text)
     for src, dst in extra.items():
-        _bind(src, new + dst)
+        bind(src, new + dst)
     os.chmod(new, 0o755)
     os.mkdir(f"{new}/.old")
     check(libc.syscall(SYS_PIVOT_ROOT_X86_64, new.encode(), f"{new}/.old".encode()), "pivot_root")

@@ -42,6 +42,7 @@ class _Zygote:
         self.cgroups: sx.Cgroups | None = None
         self.cgroup_paths: list[str] = []  # as the host sees them (the evaluator removes them when we are gone)
         self.ooms = 0  # the cgroup's OOM-kill count after the last run
+        self.shadowed: list[tuple[str, str]] = []  # (stashed bind, path): interpreter files under a per-run tmpfs
 
     # Setup, once per zygote. Every step is optional; what worked is reported in `layers`.
     def isolate(self) -> None:
@@ -76,14 +77,22 @@ class _Zygote:
                 sx.mount(None, "/", None, sx.MS_REC | sx.MS_PRIVATE)  # nothing we mount propagates to the host
                 if os.path.isdir("/run"):  # host daemons' sockets and the world-writable /run/lock
                     sx.mount("tmpfs", "/run", "tmpfs", sx.MS_NOSUID | sx.MS_NODEV, "mode=755,size=1m")
+                # interpreter files under /tmp or /dev/shm (a venv in a temp dir, as in CI) would be hidden by each
+                # run's own tmpfs there: stash a bind of them in /run, and each run binds them back (read-only)
+                stash = {p: f"/run/interp/{i}" for i, p in enumerate(
+                    q for q in sx.interpreter_paths() if q.startswith(("/tmp/", "/dev/shm/")))}  # fmt: skip
+                self.shadowed = [(dst, src) for src, dst in stash.items()]
                 if self.root and "minimal_root" not in self.disable:
                     try:
-                        self._minimal_root()
+                        self._minimal_root(stash)
                         self.layers["minimal_root"] = True
                     except OSError:  # keep the read-only view of the host, with what the interpreter needs
                         sx.expose(sx.interpreter_dirs())
                 elif self.root:
                     sx.expose(sx.interpreter_dirs())
+                if not self.layers["minimal_root"]:
+                    for src, dst in stash.items():
+                        sx.bind(src, dst)
                 sx.read_only_mounts(skip=sx.CGROUP_TYPES)  # the zygote sets each run's limits; runs see them ro
                 self.layers["read_only"] = True
             except OSError:
@@ -116,15 +125,17 @@ class _Zygote:
                 os._exit(1)
         return os.waitpid(pid, 0)[1] == 0
 
-    def _minimal_root(self) -> None:
-        """Pivot into a root built from an allowlist (sandbox_sys.pivot_into_minimal_root), on a tmpfs in /run."""
+    def _minimal_root(self, stash: dict[str, str]) -> None:
+        """Pivot into a root built from an allowlist (sandbox_sys.pivot_into_minimal_root), on a tmpfs in /run;
+        `stash`: {interpreter path under a per-run tmpfs: where the new root keeps a bind of it}."""
         new = "/run/qat-root"
         os.mkdir(new, 0o755)
         sx.mount("tmpfs", new, "tmpfs", sx.MS_NOSUID | sx.MS_NODEV, "mode=755,size=4m,nr_inodes=8192")
         cgroups = {d: f"/run/cgroup/{i}" for i, d in enumerate(self.cgroups.dirs)} if self.cgroups else {}
         users = f"root:x:0:0::/root:/bin/false\nsandbox:x:{self.uid}:{self.uid}::/tmp/sandbox:/bin/false\n"
         groups = f"root:x:0:\nsandbox:x:{self.uid}:\n"
-        sx.pivot_into_minimal_root(new, cgroups, {"passwd": users, "group": groups, "hosts": "127.0.0.1 localhost\n"})
+        etc = {"passwd": users, "group": groups, "hosts": "127.0.0.1 localhost\n"}
+        sx.pivot_into_minimal_root(new, {**cgroups, **stash}, etc)
         if self.cgroups:
             self.cgroups.dirs = list(cgroups.values())
 
@@ -373,6 +384,9 @@ class _Zygote:
                 tmpfs = f"mode=1777,size={lim.tmp_mb}m,nr_inodes={lim.tmp_files}"  # bytes and files both capped
                 for target in ("/tmp", "/dev/shm"):
                     sx.mount("tmpfs", target, "tmpfs", sx.MS_NOSUID | sx.MS_NODEV, tmpfs)
+                for stashed, path in self.shadowed:  # the interpreter's files that the tmpfs just covered
+                    sx.bind(stashed, path)
+                    sx.mount(None, path, None, sx.MS_REMOUNT | sx.MS_BIND | sx.MS_RDONLY | sx.MS_NOSUID | sx.MS_NODEV)
                 if self.layers["pid_ns"]:
                     sx.mount("proc", "/proc", "proc", sx.MS_NOSUID | sx.MS_NODEV | sx.MS_NOEXEC)
                 if self.layers["devpts"]:
