@@ -96,9 +96,9 @@ class AblateConfig:
             raise RecipeError("seeds must name at least one seed")
         if not self.bits or not set(self.bits) <= {2, 3, 4, 8}:
             raise RecipeError(f"bits must be a non-empty subset of [8, 4, 3, 2], got {self.bits}")
-        for k in ("heldout_rows", "heldout_seq_len", "limit"):
-            if getattr(self, k) < (0 if k == "limit" else 1):
-                raise RecipeError(f"{k} must be >= {0 if k == 'limit' else 1}, got {getattr(self, k)}")
+        for k, least in (("heldout_rows", 1), ("heldout_seq_len", 1), ("limit", 0)):
+            if getattr(self, k) < least:
+                raise RecipeError(f"{k} must be >= {least}, got {getattr(self, k)}")
 
 
 @dataclass

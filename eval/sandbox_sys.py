@@ -190,6 +190,11 @@ def install_seccomp() -> None:
 # memory and pids controllers are delegated to us, else v1 hierarchies; None where neither can be written.
 
 
+def _unescape(field: str) -> str:
+    """A mountinfo path with its octal escapes (\\040 for a space) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
 def _mountinfo() -> list[tuple[str, str, str, set[str]]]:
     """(root within the filesystem, mount point, fstype, super options) of every mount."""
     out = []
@@ -197,8 +202,7 @@ def _mountinfo() -> list[tuple[str, str, str, set[str]]]:
         for line in f:
             pre, post = line.split(" - ", 1)
             fields, (fstype, _, opts) = pre.split(), post.split()[:3]
-            unescape = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), s)  # noqa: E731
-            out.append((unescape(fields[3]), unescape(fields[4]), fstype, set(opts.split(","))))
+            out.append((_unescape(fields[3]), _unescape(fields[4]), fstype, set(opts.split(","))))
     return out
 
 

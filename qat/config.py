@@ -279,14 +279,17 @@ def _one_line(e: Exception) -> str:
 
 def _dotlist(args: list[str]):
     """`a.b=value` arguments as an OmegaConf node; a value YAML cannot read is a RecipeError naming it."""
-    for a in args:
-        try:
-            OmegaConf.from_dotlist([a])
-        except yaml.YAMLError as e:
-            what = getattr(e, "problem", None) or type(e).__name__
-            raise RecipeError(f"cannot read {a!r} ({what}): quote values that YAML treats specially, "
-                              "e.g. \"quant.skip=['*embed*']\"") from None  # fmt: skip
-    return OmegaConf.from_dotlist(args)
+    try:
+        return OmegaConf.from_dotlist(args)
+    except yaml.YAMLError:
+        for a in args:  # which one (parsed alone only on this error path)
+            try:
+                OmegaConf.from_dotlist([a])
+            except yaml.YAMLError as e:
+                what = getattr(e, "problem", None) or type(e).__name__
+                raise RecipeError(f"cannot read {a!r} ({what}): quote values that YAML treats specially, "
+                                  "e.g. \"quant.skip=['*embed*']\"") from None  # fmt: skip
+        raise
 
 
 def load_recipe(argv: Sequence[str] = ()) -> Recipe:
