@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import gc
 import json
 import math
 import os
@@ -158,6 +159,10 @@ class _Zygote:
                               "timeout": 30.0, "limits": asdict(Limits())})  # fmt: skip
         error = None if probe["status"] == "passed" else f"self test {probe['status']}: {probe['detail']}"
         self.send({"layers": self.layers, "error": error, "cgroups": self.cgroup_paths})
+        # Everything this process holds now is in every program's process too. Freezing it keeps the garbage
+        # collector of each forked process from walking (and so copying, page by page) the worker's objects.
+        gc.collect()
+        gc.freeze()
         while (head := read_exact(self.ctl_in, HEADER.size)) is not None:
             body = read_exact(self.ctl_in, HEADER.unpack(head)[0])
             if body is None:
@@ -366,14 +371,14 @@ class _Zygote:
                 pass
 
         try:
+            if self.cgroups:
+                self.cgroups.join()  # first, with everything it will start: limited and accounted as one
             devnull = os.open("/dev/null", os.O_RDONLY)
             for fd, target in ((devnull, 0), (pipes["out"][1], 1), (pipes["err"][1], 2), (pipes["report"][1], 3)):
                 os.dup2(fd, target)
             os.closerange(4, 1 << 16)  # control pipe, pidns fd, read ends: only 0-3 stay open
             sx.prctl(sx.PR_SET_PDEATHSIG, signal.SIGKILL)  # the zygote dies -> so do we (and our PID namespace)
             os.setsid()
-            if self.cgroups:
-                self.cgroups.join()  # with everything it will start: limited and accounted as one
             if self.layers["mount_ns"]:
                 sx.unshare(sx.CLONE_NEWNS | sx.CLONE_NEWIPC)  # this run's own mounts, SysV IPC and POSIX queues
                 if self.cgroups and self.layers["minimal_root"]:  # bound in for the zygote, gone for the program
