@@ -196,6 +196,10 @@ class TrainConfig:
     kd_hidden: float = 0.0  # + kd_hidden · mean relative hidden-state error per layer vs the teacher (objectives)
     kd_teacher: str = "self"  # self: same weights, fake quant off (no copy) | frozen: a frozen copy of the start
     fake_quant_after: int = 0  # delayed fake quant: train in float for this many steps first
+    # block-wise reconstruction before end-to-end QAT (qat/blockap.py): steps per decoder layer on the calibration
+    # windows, against a float copy of the model; 0 = off
+    block_ap_steps: int = 0
+    block_ap_lr: float = 1e-4
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
     seed: int = 0
     log_every: int = 1
@@ -213,9 +217,10 @@ class TrainConfig:
         return self.kd > 0 or self.kd_hidden > 0
 
     def __post_init__(self) -> None:
-        for k in ("steps", "warmup", "fake_quant_after", "save_every", "stop_after", "eval_every"):
+        for k in ("steps", "warmup", "fake_quant_after", "save_every", "stop_after", "eval_every", "block_ap_steps"):
             _check(getattr(self, k) >= 0, f"train.{k} must be >= 0, got {getattr(self, k)}")
         _check(self.lr >= 0, f"train.lr must be >= 0, got {self.lr}")
+        _check(self.block_ap_lr > 0, f"train.block_ap_lr must be > 0, got {self.block_ap_lr}")
         _check(self.scales_lr_ratio >= 0, f"train.scales_lr_ratio must be >= 0, got {self.scales_lr_ratio}")
         for k in ("batch_size", "grad_accum", "seq_len", "log_every", "keep_checkpoints", "eval_rows"):
             _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")

@@ -51,10 +51,11 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qat import data, objectives
+from qat import blockap, data, objectives
 from qat.config import Recipe, RecipeError, exit_on_error, flatten, load_recipe, save_recipe
 from qat.export import save_artifact, size_report
 from qat.models import DTYPES, adapter, check_path, family_of
+from qat.ptq.calibrate import calibration_ids
 from qat.ptq.pipeline import quantize_model
 from qat.swap import convert, fake_quant_modules, prepare, quant_stats, rederive_scales, set_fake_quant
 
@@ -268,7 +269,8 @@ def train(recipe: Recipe) -> Path:
     model, tokenizer = load_model(recipe)  # on every rank at once: ZeRO-3 initialisation is collective
     model.config.use_cache = False
     teacher = None
-    if recipe.train.distills and recipe.train.kd_teacher == "frozen":
+    block_ap = recipe.train.block_ap_steps > 0 and recipe.quant.enabled and find_resume(recipe) is None
+    if (recipe.train.distills and recipe.train.kd_teacher == "frozen") or block_ap:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
     val = None
     if recipe.train.eval_every:
@@ -287,6 +289,14 @@ def train(recipe: Recipe) -> Path:
     if val is not None and recipe.quant.enabled:
         with gathered(model):
             val.record("ptq", 0, val(model))
+    if block_ap:  # a resumed run's checkpoint already holds its result
+        with gathered(model, modify=True), gathered(teacher):
+            say(reconstruct_blocks(recipe, model, teacher, tokenizer, accelerator.is_local_main_process))
+        if val is not None:
+            with gathered(model):
+                say(f"validation after block-wise reconstruction: {val(model):.4f}")
+    if not (recipe.train.distills and recipe.train.kd_teacher == "frozen"):
+        teacher = None  # kept only for the reconstruction
 
     done = True
     if recipe.train.steps > 0:
@@ -300,6 +310,22 @@ def train(recipe: Recipe) -> Path:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # avoids a teardown abort under DeepSpeed
     return final
+
+
+def reconstruct_blocks(recipe: Recipe, model, teacher, tokenizer, progress: bool) -> str:
+    """Block-wise reconstruction (qat/blockap.py) on the recipe's calibration windows; its per-layer report."""
+    t = recipe.train
+    t0 = time.perf_counter()
+    ids = calibration_ids(recipe, tokenizer, model.config).to(next(model.parameters()).device)
+    reports = blockap.reconstruct(
+        model, teacher, ids, t.block_ap_steps, t.block_ap_lr, recipe.quant.calib_batch,
+        groups=lambda layer: param_groups(layer, 0.0, t.scales_lr_ratio), seed=t.seed, grad_clip=t.grad_clip,
+        min_lr_ratio=t.min_lr_ratio, progress=progress,
+    )  # fmt: skip
+    lines = [f"block-wise reconstruction: {t.block_ap_steps} steps per layer, {ids.numel()} tokens, "
+             f"{time.perf_counter() - t0:.1f} s", "layer  mse before  mse after"]  # fmt: skip
+    lines += [f"{r.layer:5d}  {r.before:.3e}  {r.after:.3e}" for r in reports]
+    return "\n".join(lines)
 
 
 def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val: Validation | None = None
