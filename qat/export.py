@@ -98,6 +98,7 @@ def _unshared_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
 
 def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str = "sdpa"):
     """(model, tokenizer) from an artifact directory written by `save_artifact`."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from qat.models.qwen3 import resolve_attn
@@ -109,7 +110,10 @@ def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str 
         raise ValueError(f"{path}: unknown artifact format {meta.get('format')!r} (expected {FORMAT})")
     saved = getattr(torch, meta["dtype"])
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=saved, attn_implementation=resolve_attn(attn))
+    # The skeleton's parameters on the meta device (no random initialisation of weights about to be replaced);
+    # buffers, like the rotary frequencies that are not in the file, are built for real.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=saved, attn_implementation=resolve_attn(attn))
     for name, m in meta["modules"].items():
         lin = model.get_submodule(name)
         shell = QuantizedLinear(
@@ -119,9 +123,11 @@ def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str 
     tensors = load_file(str(path / WEIGHTS_FILE))
     for dropped, kept in meta.get("tied", {}).items():
         tensors[dropped] = tensors[kept]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if meta.get("tied"):
+        model.tie_weights()  # one Parameter again where the file stored one tensor
     if dtype is not None and dtype != saved:  # cast float tensors, never the codes/scales
         for m in model.modules():
             for p in m.parameters(recurse=False):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qat import quant
+from qat import kernels, quant
 from qat.config import QuantConfig
 
 
@@ -123,7 +123,13 @@ class FakeQuantLinear(nn.Linear):
 
 
 class QuantizedLinear(nn.Module):
-    """A linear stored as packed integer codes + scales; forward dequantizes (y = x ŵᵀ + b)."""
+    """A linear stored as packed integer codes + scales, computed by an integer kernel where one applies, else by
+    the dequantized weight built once (qat/kernels.py; `path`: "auto" measures and picks, or force "dense",
+    "int4", "int8").
+
+    `qweight` holds the codes in one of three layouts (`held`): "packed" (the artifact's: `bits` per code,
+    little-endian), "int4" (the CPU kernel's tiles) or "int8" (signed bytes [out, in]). The first int4/int8 call
+    re-lays them out in place, so memory holds one copy of the codes; the state dict is always "packed"."""
 
     def __init__(
         self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
@@ -133,11 +139,18 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.dtype = bits, group_size, symmetric, dtype
         n_groups = quant.group_count(in_features, group_size)
-        n_bytes = -(-in_features * out_features // 8) * bits
-        self.register_buffer("qweight", torch.zeros(n_bytes, dtype=torch.uint8))
+        self.register_buffer("qweight", torch.zeros(self._packed_bytes(), dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, n_groups))
         self.register_buffer("zero_point", None if symmetric else torch.zeros(out_features, n_groups))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.path = "auto"
+        self.held = "packed"
+        self._dense: Tensor | None = None  # the dequantized weight, when the dense path is in use
+        self._keep_dense = False  # the dense path won somewhere: keep its weight
+        self._kernel_scales: dict[torch.dtype, Tensor] = {}  # per activation dtype
+
+    def _packed_bytes(self) -> int:
+        return -(-self.in_features * self.out_features // 8) * self.bits
 
     @classmethod
     def from_fake_quant(cls, m: FakeQuantLinear) -> QuantizedLinear:
@@ -155,17 +168,95 @@ class QuantizedLinear(nn.Module):
         return new
 
     def codes(self) -> Tensor:
-        """Signed integer codes [out, in] (int16)."""
+        """Signed integer codes [out, in] (int16), whatever the layout held."""
+        shape = (self.out_features, self.in_features)
+        if self.held == "int4":
+            return kernels.int4_unpack(self.qweight, *shape, self.symmetric)
+        if self.held == "int8":
+            return self.qweight.to(torch.int16)
         u = quant.unpack(self.qweight, self.bits, self.in_features * self.out_features)
         qmin = quant.int_range(self.bits, self.symmetric)[0]
-        return (u.to(torch.int16) + qmin).view(self.out_features, self.in_features)
+        return (u.to(torch.int16) + qmin).view(shape)
 
     def dequantized_weight(self) -> Tensor:
         return quant.dequantize(self.codes(), self.scale, self.zero_point).to(self.dtype)
 
+    def _hold(self, layout: str) -> None:
+        """Re-lay the codes out as `layout` ("packed", "int4" or "int8"), in place."""
+        if layout == self.held:
+            return
+        codes = self.codes()
+        if layout == "int4":
+            q = kernels.int4_pack(codes, self.symmetric)
+        elif layout == "int8":
+            q = codes.to(torch.int8)
+        else:
+            qmin = quant.int_range(self.bits, self.symmetric)[0]
+            q = quant.pack((codes - qmin).to(torch.uint8), self.bits)
+        self.qweight, self.held = q.to(self.qweight.device), layout
+        self._kernel_scales = {}
+
+    def _reset(self) -> None:
+        """Back to the artifact's layout with no derived tensors (before loading, moving or casting)."""
+        self._hold("packed")
+        self._dense, self._keep_dense, self._kernel_scales = None, False, {}
+
+    def _run(self, path: str, x: Tensor) -> Tensor:
+        if path == "dense":
+            if self._dense is None or self._dense.dtype != self.dtype:
+                self._dense = self.dequantized_weight()
+            return quant.linear(x, self._dense, self.bias)
+        self._hold(path)
+        dt = quant.compute_dtype(x)
+        x2 = x.to(dt).reshape(-1, self.in_features)
+        if dt not in self._kernel_scales:
+            s = kernels.int4_scales_zeros(self.scale, self.zero_point) if path == "int4" else self.scale[:, 0]
+            self._kernel_scales[dt] = s.to(dt)
+        if path == "int4":
+            gs = self.in_features if self.group_size == -1 else self.group_size
+            y = kernels.int4_mm(x2, self.qweight, gs, self._kernel_scales[dt])
+        else:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self._kernel_scales[dt])
+        if self.bias is not None:
+            y = y + self.bias.to(dt)
+        return y.view(*x.shape[:-1], self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
-        return quant.linear(x, self.dequantized_weight(), self.bias)
+        forced = self.path if self.path != "auto" else kernels.policy()
+        options = kernels.paths(self.bits, self.group_size, self.symmetric, self.out_features, self.in_features,
+                                x.device)  # fmt: skip
+        if forced != "auto":
+            if forced not in options:
+                raise ValueError(f"path {forced!r} cannot compute {self.extra_repr()} on {x.device.type}: "
+                                 f"it can take {', '.join(options)} (or auto)")  # fmt: skip
+            return self._run(forced, x)
+        if len(options) == 1:
+            return self._run(options[0], x)
+        tokens = x.numel() // self.in_features
+        key = (x.device.type, quant.compute_dtype(x), self.out_features, self.in_features, self.bits,
+               self.group_size, self.symmetric, kernels.bucket(tokens))  # fmt: skip
+        with torch.no_grad():
+            path = kernels.choose(key, {p: (lambda p=p: self._run(p, x)) for p in options})
+        if path == "dense":
+            self._keep_dense = True
+        elif not self._keep_dense:
+            self._dense = None  # built only to be timed
+        return self._run(path, x)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.held != "packed":  # the artifact's layout, whatever the kernels hold in memory
+            qmin = quant.int_range(self.bits, self.symmetric)[0]
+            destination[prefix + "qweight"] = quant.pack((self.codes() - qmin).to(torch.uint8), self.bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._reset()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._reset()  # kernel layouts are device-specific; derived tensors follow the new dtype/device lazily
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         shape = f"in={self.in_features}, out={self.out_features}"
-        return f"{shape}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
+        return f"{shape}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}, path={self.path}"

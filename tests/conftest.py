@@ -14,6 +14,7 @@ SHARED = ROOT.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("QAT_KERNELS", "dense")  # exact, timing-independent outputs; kernel tests choose paths
 
 
 def tiny_qwen3(seed: int = 0, **overrides) -> torch.nn.Module:
