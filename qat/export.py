@@ -1,4 +1,6 @@
-"""The artifact every run ends with: an HF-style directory with packed integer weights.
+"""The artifact every run ends with: an HF-style directory with packed integer weights; and its export.
+
+    python -m qat.export checkpoint=DIR format=compressed-tensors|gptq out=DIR2     (qat/formats/)
 
 Layout of `<out_dir>/final/`:
 
@@ -21,15 +23,19 @@ converted model computed. A float baseline (quant.bits=16) is the same directory
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qat.config import Recipe, save_recipe
-from qat.modules import QuantizedLinear
+from qat.config import Recipe, RecipeError, exit_on_error, parse_cli, save_recipe
+from qat.modules import QuantizedLinear, cast_floats
 
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -128,16 +134,8 @@ def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str 
         raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if meta.get("tied"):
         model.tie_weights()  # one Parameter again where the file stored one tensor
-    if dtype is not None and dtype != saved:  # cast float tensors, never the codes/scales
-        for m in model.modules():
-            for p in m.parameters(recurse=False):
-                p.data = p.data.to(dtype)
-            if isinstance(m, QuantizedLinear):
-                m.dtype = dtype
-            else:
-                for name, b in m.named_buffers(recurse=False):
-                    if b is not None and b.is_floating_point():
-                        setattr(m, name, b.to(dtype))
+    if dtype is not None and dtype != saved:
+        cast_floats(model, dtype)
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -154,3 +152,35 @@ def size_report(model: nn.Module, path: str | Path) -> dict[str, float]:
                 n_params += p.numel()
     disk = (Path(path) / WEIGHTS_FILE).stat().st_size
     return {"bytes": disk, "bf16_bytes": 2 * n_params, "ratio": disk / (2 * n_params)}
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = "???"  # an artifact directory written by the trainer
+    format: str = "compressed-tensors"  # compressed-tensors | gptq
+    out: str = "???"
+
+
+def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
+    """Write the artifact at `checkpoint` in format `fmt` (qat/formats/) to `out`; returns `out`."""
+    from qat.formats import FORMATS, ct, gptq
+
+    if fmt not in FORMATS:
+        raise RecipeError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not is_artifact(checkpoint):
+        raise RecipeError(f"checkpoint={checkpoint}: not an artifact of this toolkit (no {QUANT_FILE})")
+    model, tokenizer = load_artifact(checkpoint)
+    writer = ct.export if fmt == "compressed-tensors" else gptq.export
+    return writer(model, tokenizer, Path(out))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    with exit_on_error(FileNotFoundError, ValueError):
+        cfg = parse_cli(ExportConfig, sys.argv[1:] if argv is None else argv)  # checkpoint= and out= required
+        out = export(cfg.checkpoint, cfg.format, cfg.out)
+    print(f"wrote {out} ({cfg.format})")
+    return out
+
+
+if __name__ == "__main__":
+    main()

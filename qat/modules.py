@@ -260,3 +260,17 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         shape = f"in={self.in_features}, out={self.out_features}"
         return f"{shape}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}, path={self.path}"
+
+
+def cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a loaded model's float parameters and buffers to `dtype`, never a QuantizedLinear's codes or scales
+    (its compute dtype becomes `dtype`)."""
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+        if isinstance(m, QuantizedLinear):
+            m.dtype = dtype
+        else:
+            for name, b in m.named_buffers(recurse=False):
+                if b is not None and b.is_floating_point():
+                    setattr(m, name, b.to(dtype))

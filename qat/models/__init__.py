@@ -49,11 +49,17 @@ def adapter(family: str) -> ModuleType:
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, attn: str = "sdpa"):
     """(model, tokenizer) from a released checkpoint or one of our artifacts; eval mode."""
-    from qat import export
+    from qat import export, formats
+    from qat.formats import ct, gptq  # noqa: F401  (formats.ct / formats.gptq)
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if export.is_artifact(path):
         model, tok = export.load_artifact(path, dtype=dtype, attn=attn)
+    elif fmt := formats.detect(path):  # compressed-tensors / GPTQ exports: read into QuantizedLinear modules
+        from transformers import AutoTokenizer
+
+        reader = formats.ct.load if fmt == "compressed-tensors" else formats.gptq.load
+        model, tok = reader(Path(path), dtype=dtype, attn=attn), AutoTokenizer.from_pretrained(path)
     else:
         model, tok = adapter(family_of(str(path))).load(str(path), dtype=dtype or torch.float32, attn=attn)
     return model.eval(), tok
