@@ -37,6 +37,12 @@ cell needs, so committing the `result.json` files carries a study over to anothe
 `set=[train.resume=auto]` an interrupted cell continues from its last checkpoint). Outputs in `out`:
 `results.jsonl` (one line per cell), `report.md` (the table, with the corpus, metric, direction and recovery
 definition) and `pareto.png` (held-out metric vs weights-file size, one panel per family).
+
+Latency (`latency_rounds`, 0 = off): after the last cell, every cell's artifact is timed in one pass, under the
+same conditions (qat/latency.py): one generation step per model — a decode step with a 128-token KV cache for
+Qwen3, a denoising step over a 256-token window for CoDA — with the inference modules' automatic kernel choice
+(qat/kernels.py), `latency_rounds` interleaved rounds over the cells of a recipe (at most `latency_models`
+loaded at once), median and range, labelled with the device, dtype and the paths the quantized linears took.
 """
 
 from __future__ import annotations
@@ -50,8 +56,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -81,6 +85,8 @@ class AblateConfig:
     heldout_seq_len: int = 256
     set: list[str] = field(default_factory=list)  # extra recipe overrides for every cell
     report_only: bool = False  # rebuild results.jsonl, report.md, pareto.png from the finished cells; run nothing
+    latency_rounds: int = 10  # interleaved timing rounds over all cells after the last one (0 = no latency pass)
+    latency_models: int = 64  # models loaded at once for the interleaved pass (lower it for large models)
 
     def __post_init__(self) -> None:
         if self.recipe:
@@ -96,7 +102,8 @@ class AblateConfig:
             raise RecipeError("seeds must name at least one seed")
         if not self.bits or not set(self.bits) <= {2, 3, 4, 8}:
             raise RecipeError(f"bits must be a non-empty subset of [8, 4, 3, 2], got {self.bits}")
-        for k, least in (("heldout_rows", 1), ("heldout_seq_len", 1), ("limit", 0)):
+        for k, least in (("heldout_rows", 1), ("heldout_seq_len", 1), ("limit", 0), ("latency_rounds", 0),
+                         ("latency_models", 1)):
             if getattr(self, k) < least:
                 raise RecipeError(f"{k} must be >= {least}, got {getattr(self, k)}")
 
@@ -162,16 +169,28 @@ def train_cell(recipe: str, out_dir: Path, overrides: list[str], log: Path) -> N
         raise RuntimeError(f"training cell failed (exit {code}): qat/train.py {' '.join(argv)}; see {log}")
 
 
-@torch.no_grad()
-def latency_ms(model, vocab: int, tokens: int = 128, repeats: int = 3) -> float:
-    ids = torch.randint(0, min(vocab, 256), (1, tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
-    model(input_ids=ids)  # warmup
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(input_ids=ids)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+def time_cells(rows: list[dict], out: Path, cfg: AblateConfig) -> None:
+    """The latency pass (module docstring): adds latency_ms / latency_range / latency_step / latency_path to every
+    row whose artifact is still there, and rewrites its result.json."""
+    from qat import kernels, latency
+    from qat.models import load
+
+    kernels.forget()  # every cell decides its kernels in this pass, under the same conditions
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        todo = [r for r in rows if r["recipe"] == recipe and (out / recipe / r["cell"] / "final").is_dir()]
+        for start in range(0, len(todo), cfg.latency_models):
+            chunk, steps, what, models = todo[start : start + cfg.latency_models], {}, {}, {}
+            for r in chunk:
+                models[r["cell"]] = load(out / recipe / r["cell"] / "final")[0]
+                steps[r["cell"]], what[r["cell"]] = latency.step(models[r["cell"]], r["family"])
+            timings = latency.interleaved(steps, rounds=cfg.latency_rounds)
+            for r in chunk:
+                t = timings[r["cell"]]
+                r.update(latency_ms=round(t.median_ms, 3), latency_range=[round(t.min_ms, 3), round(t.max_ms, 3)],
+                         latency_step=what[r["cell"]], latency_path=latency.label(models[r["cell"]]))
+                (out / recipe / r["cell"] / "result.json").write_text(json.dumps(r) + "\n")
+            del models, steps
+            print(f"latency: {recipe}, {len(chunk)} cells × {cfg.latency_rounds} interleaved rounds", flush=True)
 
 
 def corpora(recipe, cfg: AblateConfig) -> dict[str, DataConfig]:
@@ -190,8 +209,7 @@ def measure(final: Path, metric: str, sources: dict[str, DataConfig], cfg: Ablat
 
     model, tok = load(final)
     family = family_of(str(final))
-    result = {"bytes": (final / "model.safetensors").stat().st_size,
-              "latency_ms": latency_ms(model, model.config.vocab_size)}  # fmt: skip
+    result = {"bytes": (final / "model.safetensors").stat().st_size}
     for name, source in sources.items():
         if name == "heldout" and metric == "passk":
             continue
@@ -244,6 +262,8 @@ def run(cfg: AblateConfig) -> Path:
             shown = {k: round(v, 4) for k, v in row.items() if k in metric_keys([row])}
             print(f"[{i + 1}/{len(grid)}] {recipe_name}/{c.name}: {shown} ({row['seconds']} s)", flush=True)
             write(rows, out)  # after every cell: an interrupted study still has its table so far
+    if cfg.latency_rounds and not cfg.report_only:
+        time_cells(rows, out, cfg)
     write(rows, out)
     return out
 
@@ -267,7 +287,7 @@ def parameters(final: Path) -> int:
 # -------------------------------------------------------------------------------------------------- the report
 
 NOT_METRICS = {"recipe", "family", "cell", "method", "bits", "seed", "metric", "corpora", "bytes", "latency_ms",
-               "seconds", "run_recipe", "grid"}  # fmt: skip
+               "latency_range", "latency_step", "latency_path", "seconds", "run_recipe", "grid"}  # fmt: skip
 
 
 def metric_keys(rows: list[dict]) -> list[str]:
@@ -311,8 +331,10 @@ def summarize(rows: list[dict]) -> list[dict]:
         for method, bits in dict.fromkeys((r["method"], r["bits"]) for r in fam):
             group = [r for r in fam if r["method"] == method and r["bits"] == bits]
             line = {"family": family, "method": method, "bits": bits, "n": len(group), "grid": group[0].get("grid", ""),
-                    "mib": group[0]["bytes"] / 2**20, "latency_ms": statistics.median(r["latency_ms"] for r in group),
-                    "metrics": {}}  # fmt: skip
+                    "mib": group[0]["bytes"] / 2**20, "metrics": {},
+                    "latency_ms": statistics.median(r["latency_ms"] for r in group) if all(
+                        "latency_ms" in r for r in group) else None,
+                    "path": group[0].get("latency_path", "").split(", ", 1)[-1]}  # fmt: skip
             best = best_ptq(fam, bits) if method in QAT else None
             line["vs"] = best["method"] if best else None
             for k in keys:
@@ -357,8 +379,8 @@ def report(rows: list[dict], out: Path) -> str:
     lines = summarize(rows)
     corp = rows[0].get("corpora", {}) if rows else {}
     head = "| family | method | bits | grid | n | " + " | ".join(f"{k} | Δ {k} | rec. {k}" for k in keys)
-    md = ["# PTQ vs QAT", "", head + " | MiB | ms/forward | best PTQ |",
-          "|---|---|---:|---|---:|" + "---:|---:|---:|" * len(keys) + "---:|---:|---|"]
+    md = ["# PTQ vs QAT", "", head + " | MiB | ms/step | path | best PTQ |",
+          "|---|---|---:|---|---:|" + "---:|---:|---:|" * len(keys) + "---:|---:|---|---|"]
     for ln in lines:
         cols = []
         for k in keys:
@@ -366,7 +388,7 @@ def report(rows: list[dict], out: Path) -> str:
             cols += [_cell(m), "" if m is None or "delta" not in m else f"{m['delta']:+.4f}",
                      "" if m is None else _recovery(m)]  # fmt: skip
         md.append(f"| {ln['family']} | {ln['method']} | {ln['bits']} | {ln['grid']} | {ln['n']} | " + " | ".join(cols)
-                  + f" | {ln['mib']:.2f} | {ln['latency_ms']:.1f} | {ln['vs'] or ''} |")  # fmt: skip
+                  + f" | {ln['mib']:.2f} | {_ms(ln['latency_ms'])} | {ln['path']} | {ln['vs'] or ''} |")  # fmt: skip
     md += ["", "Metrics (lower is better for losses, higher for pass rates):"]
     for k in keys:
         what = {"validation": "held-out loss on the training source's validation split",
@@ -379,10 +401,21 @@ def report(rows: list[dict], out: Path) -> str:
            "FT = the mean of the unquantized fine-tunes (same data, steps, schedule and learning rate, plain "
            "cross-entropy); [min, max] over QAT seeds; n/a where FT is not better than PTQ. Δ = change against the "
            "unquantized base. Losses compare checkpoints within a family, not across families.", ""]
+    timed = [r for r in rows if "latency_step" in r]
+    if timed:
+        steps = "; ".join(f"{fam}: {s}" for fam, s in dict.fromkeys((r["family"], r["latency_step"]) for r in timed))
+        devices = ", ".join(dict.fromkeys(r["latency_path"].split(",")[0] for r in timed))
+        md += [f"ms/step: one generation step per model ({steps}), median of the interleaved rounds of one pass over "
+               f"every cell after the last one ({devices}); *path*: the kernels the quantized linears took "
+               "(qat/kernels.py: int4/int8 where measured faster, else the dequantized weight, `dense`).", ""]
     text = "\n".join(md)
     (out / "report.md").write_text(text)
     pareto(rows, "heldout" if "heldout" in keys else (keys[-1] if keys else ""), corp, out / "pareto.png")
     return text
+
+
+def _ms(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}"
 
 
 def pareto(rows: list[dict], key: str, corp: dict, path: Path) -> None:

@@ -148,6 +148,7 @@ class QuantizedLinear(nn.Module):
         self._dense: Tensor | None = None  # the dequantized weight, when the dense path is in use
         self._keep_dense = False  # the dense path won somewhere: keep its weight
         self._kernel_scales: dict[torch.dtype, Tensor] = {}  # per activation dtype
+        self.last_path = ""  # the path the last call took (reports)
 
     def _packed_bytes(self) -> int:
         return -(-self.in_features * self.out_features // 8) * self.bits
@@ -202,6 +203,7 @@ class QuantizedLinear(nn.Module):
         self._dense, self._keep_dense, self._kernel_scales = None, False, {}
 
     def _run(self, path: str, x: Tensor) -> Tensor:
+        self.last_path = path
         if path == "dense":
             if self._dense is None or self._dense.dtype != self.dtype:
                 self._dense = self.dequantized_weight()

@@ -140,8 +140,16 @@ def test_ablate_end_to_end_both_families(tmp_path):
     assert all(r["validation"] > 0 and r["corpora"]["heldout"].startswith("pkg:accelerate==") for r in rows)
     assert "Recovery" in report and "| coda | qat | 2 |" in report and "| qwen3 | ft | 16 |" in report
     assert (out / "pareto.png").stat().st_size > 1000
-    again = main(args)  # every cell is skipped
-    assert [json.loads(x) for x in (again / "results.jsonl").open()] == rows
+    # the latency pass: every cell timed at the end, its step and path named
+    assert all(r["latency_ms"] > 0 and r["latency_range"][0] <= r["latency_ms"] <= r["latency_range"][1] for r in rows)
+    assert {r["family"]: r["latency_step"].split(",")[0] for r in rows} == {"qwen3": "decode step",
+                                                                            "coda": "denoising step"}  # fmt: skip
+    assert all(r["latency_path"].startswith("cpu float32, ") for r in rows) and "ms/step" in report
+    again = main(args)  # every cell is skipped (and timed again, all under the same conditions)
+    timing = ("latency_ms", "latency_range")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    assert strip(json.loads(x) for x in (again / "results.jsonl").open()) == strip(rows)
+    report = (out / "report.md").read_text()
     (out / "report.md").unlink()
     main([*args, "report_only=true"])  # the report rebuilt from the cells' result.json alone
     assert (out / "report.md").read_text() == report

@@ -145,7 +145,9 @@ def test_recovery_formula_on_known_numbers():
 
 def _row(method, bits, seed=0, **metrics):
     return {"recipe": "r", "family": "qwen3", "cell": f"{method}-{bits}-{seed}", "method": method, "bits": bits,
-            "seed": seed, "metric": "heldout", "bytes": 2**20, "latency_ms": 1.0, "seconds": 1, **metrics}
+            "seed": seed, "metric": "heldout", "bytes": 2**20, "latency_ms": 1.0, "latency_range": [0.9, 1.2],
+            "latency_step": "decode step, 128-token context", "latency_path": "cpu float32, dense×14", "seconds": 1,
+            **metrics}
 
 
 def test_study_summary_per_metric_best_ptq_on_validation_and_seeds(tmp_path):
