@@ -8,17 +8,23 @@ Paths for y = x ŵᵀ (+ b), ŵ = (q − z)·s per group (qat/quant.py):
             m = (8 − z)·s. `sz` = [groups, out, 2] (s, m) in the activation dtype. Needs 4 bits, a CPU tensor,
             out % 16 == 0 and a group size of 32, 64, 128 or 256.
     int8    `torch._weight_int8pack_mm(x, q int8 [out, in], s [out])`: symmetric 8 bits, one scale per row.
+    dequant the weight dequantized for this call only, then `F.linear`: the alternative to a kernel where one
+            applies (many tokens at once), so that memory keeps one 4- or 8-bit copy of the weights
     dense   the dequantized weight, built once and cached (every other width and layout: 2 and 3 bits,
-            grouped int8, GPU tensors), then `F.linear`; bit for bit what the fake-quant model computes.
+            grouped int8, GPU tensors), then `F.linear`; bit for bit what the fake-quant model computes (and so
+            is "dequant").
 
 Which path is fastest depends on the activation dtype and the number of tokens: measured on this 2-core CPU
 (LOG.md, benchmarks/inference.py), in bfloat16 the int4 kernel is 2.3–3× faster than a dense matmul for one
-token and 5–11× slower for 64 or more; in float32 it is 10–100× slower than dense at every size. So `choose`
+token and 5–11× slower for 64 or more; in float32 it is 10–100× slower than dense at every size. So by default
+a layer with a kernel uses it for few tokens and its cached dense weight for many (a prompt's prefill, every
+diffusion step), holding both copies once both ran; the "lean" policy never keeps a dense copy and dequantizes
+per call instead (the memory of the codes alone, at a price for many tokens). `choose`
 times each candidate (warm-up, then the median of a few calls) the first time a layer shape meets a
 (device, dtype, token-count bucket) and remembers the winner for the whole process: every layer of the same
-shape reuses the decision. `QuantizedLinear.path` forces one path for a layer, and the environment variable
-QAT_KERNELS=dense every layer ("dense" is the exact reference: the tests use it, and so should whoever needs
-outputs that do not depend on timings). Decisions are per process: two processes may decide differently for a
+shape reuses the decision. `QuantizedLinear.path` sets a layer's policy or forces one path, the environment
+variable QAT_KERNELS every layer's (`policy`; "dense" is the exact reference: the tests use it, and so should
+whoever needs outputs that do not depend on timings). Decisions are per process: two processes may decide differently for a
 shape whose candidates time within noise of each other, and their outputs then differ at the kernels' rounding.
 
 Not covered: the CUDA int4 kernel (`aten._weight_int4pack_mm`, another packing; there was no GPU to verify it
@@ -42,21 +48,29 @@ TIMING_CALLS = 5  # timed calls per candidate (after one warm-up)
 
 
 def policy() -> str:
-    """"auto" (measure and pick), or the one path every `path="auto"` layer takes (QAT_KERNELS=dense)."""
+    """What `path="auto"` layers do: "auto" (measure the kernel against the cached dense weight), "lean"
+    (measure the kernel against dequantizing per call: no dense copy, ever), or one path for every layer
+    ("dense", the exact reference). From the environment variable QAT_KERNELS; "auto" when unset."""
     return os.environ.get("QAT_KERNELS", "auto")
 
 
-def paths(bits: int, group_size: int, symmetric: bool, out_features: int, in_features: int,
-          device: torch.device) -> list[str]:  # fmt: skip
-    """The paths that can compute this layer on `device`, kernels first; "dense" always."""
-    out = []
-    if device.type == "cpu":
-        gs = in_features if group_size == -1 else group_size
-        if bits == 4 and out_features % 16 == 0 and gs in INT4_GROUPS and in_features % gs == 0:
-            out.append("int4")
-        if bits == 8 and symmetric and group_size in (-1, in_features):
-            out.append("int8")
-    return [*out, "dense"]
+def kernel(bits: int, group_size: int, symmetric: bool, out_features: int, in_features: int,
+           device: torch.device) -> str | None:  # fmt: skip
+    """The integer kernel that can compute this layer on `device`, if any ("int4", "int8" or None)."""
+    if device.type != "cpu":
+        return None
+    gs = in_features if group_size == -1 else group_size
+    if bits == 4 and out_features % 16 == 0 and gs in INT4_GROUPS and in_features % gs == 0:
+        return "int4"
+    if bits == 8 and symmetric and group_size in (-1, in_features):
+        return "int8"
+    return None
+
+
+def candidates(kernel_path: str | None, lean: bool) -> list[str]:
+    """The paths `choose` measures: the kernel, if any, and the dequantized weight (cached, or per call when
+    lean)."""
+    return [p for p in (kernel_path, "dequant" if lean else "dense") if p]
 
 
 def bucket(tokens: int) -> int:
@@ -118,21 +132,54 @@ def int4_mm(x: Tensor, packed: Tensor, group_size: int, sz: Tensor) -> Tensor:
 def int4_unpack(packed: Tensor, out_features: int, in_features: int, symmetric: bool) -> Tensor:
     """Inverse of `int4_pack`: the codes [out, in] (int16).
 
-    The kernel's packing permutes weights in tiles, undocumented and free to change between releases, so the
-    permutation is read off the packing function itself: packing matrices whose entries are 4-bit digits of
-    each weight's flat index tells, for every nibble of the packed tensor, which weight it holds. (Not cached:
-    the index costs 8 bytes per weight, and this runs only when an artifact is saved or inspected.)"""
-    index = torch.arange(out_features * in_features, dtype=torch.int64).view(out_features, in_features)
-    source = torch.zeros(out_features * in_features, dtype=torch.int64)
-    for digit in range(max(1, -(-(out_features * in_features - 1).bit_length() // 4))):
-        plane = ((index >> (4 * digit)) & 15).to(torch.int32)
-        source |= _nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(plane, INT4_TILES)) << (4 * digit)
-    u = torch.empty(out_features * in_features, dtype=torch.int16)
-    u[source] = _nibbles(packed).to(torch.int16)
-    return u.view(out_features, in_features) - (8 if symmetric else 0)
+    The kernel packs rows in blocks (64 or 32 rows, by the CPU's vector width, then a smaller tail): a block's
+    bytes run over the inputs k, each k holding the block's rows as nibble pairs in an order of its own
+    (PyTorch's int4mm_kernel.cpp). That order is read off the packing function itself, on a two-column probe
+    (`_int4_blocks`), so a different ISA or release cannot silently scramble the codes; unpacking is then a few
+    views and one gather per block shape."""
+    nib = _nibbles(packed)
+    out = torch.empty(out_features, in_features, dtype=torch.int16)
+    pos = 0
+    for row, count, size, order in _int4_blocks(out_features):  # runs of `count` blocks of `size` rows alike
+        n = count * size * in_features
+        block = nib[pos : pos + n].view(count, in_features, size)[:, :, order]  # [blocks, k, rows in order]
+        out[row : row + count * size] = block.transpose(1, 2).reshape(count * size, in_features)
+        pos += n
+    return out - (8 if symmetric else 0)
+
+
+_BLOCKS: dict[int, list[tuple[int, int, int, Tensor]]] = {}
+
+
+def _int4_blocks(out_features: int) -> list[tuple[int, int, int, Tensor]]:
+    """[(first row, blocks, rows per block, inverse row order)] of the CPU packing for `out_features` rows."""
+    if out_features in _BLOCKS:
+        return _BLOCKS[out_features]
+    rows = torch.arange(out_features, dtype=torch.int64).unsqueeze(1).expand(out_features, 2)
+    seen = torch.zeros(2 * out_features, dtype=torch.int64)
+    for digit in range(max(1, -(-(out_features - 1).bit_length() // 4))):  # 4-bit digits of each row index
+        plane = ((rows >> (4 * digit)) & 15).to(torch.int32).contiguous()
+        seen |= _nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(plane, INT4_TILES)).long() << (4 * digit)
+    runs: list[tuple[int, int, int, Tensor]] = []
+    pos = row = 0
+    while row < out_features:
+        k0 = seen[pos:]
+        size = next((j for j in range(1, len(k0)) if k0[j] == k0[0]), len(k0) // 2)  # k = 1 starts the repeat
+        first = k0[:size] - row
+        if sorted(first.tolist()) != list(range(size)) or not torch.equal(k0[size : 2 * size] - row, first):
+            raise RuntimeError("unexpected int4 packing layout of this PyTorch build; cannot unpack it")
+        inverse = torch.argsort(first)
+        if runs and runs[-1][2] == size and torch.equal(runs[-1][3], inverse):
+            start, count = runs[-1][0], runs[-1][1] + 1
+            runs[-1] = (start, count, size, inverse)
+        else:
+            runs.append((row, 1, size, inverse))
+        pos, row = pos + 2 * size, row + size
+    _BLOCKS[out_features] = runs
+    return runs
 
 
 def _nibbles(packed: Tensor) -> Tensor:
-    """uint8 [..] → its low and high nibbles, interleaved (low first), flat int64."""
-    p = packed.reshape(-1).to(torch.int64)
+    """uint8 [..] → its low and high nibbles, interleaved (low first), flat uint8."""
+    p = packed.reshape(-1)
     return torch.stack([p & 15, p >> 4], -1).reshape(-1)

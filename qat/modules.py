@@ -123,9 +123,10 @@ class FakeQuantLinear(nn.Linear):
 
 
 class QuantizedLinear(nn.Module):
-    """A linear stored as packed integer codes + scales, computed by an integer kernel where one applies, else by
-    the dequantized weight built once (qat/kernels.py; `path`: "auto" measures and picks, or force "dense",
-    "int4", "int8").
+    """A linear stored as packed integer codes + scales, computed by an integer kernel where one applies and is
+    measured faster for the input's number of tokens, else by the dequantized weight (qat/kernels.py). `path`:
+    "auto" (the cached dense weight as the alternative), "lean" (dequantize per call instead: no dense copy), or
+    force "int4", "int8", "dense" or "dequant".
 
     `qweight` holds the codes in one of three layouts (`held`): "packed" (the artifact's: `bits` per code,
     little-endian), "int4" (the CPU kernel's tiles) or "int8" (signed bytes [out, in]). The first int4/int8 call
@@ -143,12 +144,20 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, n_groups))
         self.register_buffer("zero_point", None if symmetric else torch.zeros(out_features, n_groups))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self.path = "auto"
+        self._path = "auto"
         self.held = "packed"
-        self._dense: Tensor | None = None  # the dequantized weight, when the dense path is in use
-        self._keep_dense = False  # the dense path won somewhere: keep its weight
+        self._dense: Tensor | None = None  # the dequantized weight, cached by the "dense" path
+        self._routes: dict[tuple, str] = {}  # (device, dtype, autocast, tokens) -> path, once decided
         self._kernel_scales: dict[torch.dtype, Tensor] = {}  # per activation dtype
         self.last_path = ""  # the path the last call took (reports)
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        self._path, self._routes = value, {}
 
     def _packed_bytes(self) -> int:
         return -(-self.in_features * self.out_features // 8) * self.bits
@@ -200,7 +209,7 @@ class QuantizedLinear(nn.Module):
     def _reset(self) -> None:
         """Back to the artifact's layout with no derived tensors (before loading, moving or casting)."""
         self._hold("packed")
-        self._dense, self._keep_dense, self._kernel_scales = None, False, {}
+        self._dense, self._routes, self._kernel_scales = None, {}, {}
 
     def _run(self, path: str, x: Tensor) -> Tensor:
         self.last_path = path
@@ -208,6 +217,8 @@ class QuantizedLinear(nn.Module):
             if self._dense is None or self._dense.dtype != self.dtype:
                 self._dense = self.dequantized_weight()
             return quant.linear(x, self._dense, self.bias)
+        if path == "dequant":
+            return quant.linear(x, self.dequantized_weight(), self.bias)
         self._hold(path)
         dt = quant.compute_dtype(x)
         x2 = x.to(dt).reshape(-1, self.in_features)
@@ -224,26 +235,32 @@ class QuantizedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        forced = self.path if self.path != "auto" else kernels.policy()
-        options = kernels.paths(self.bits, self.group_size, self.symmetric, self.out_features, self.in_features,
-                                x.device)  # fmt: skip
-        if forced != "auto":
-            if forced not in options:
-                raise ValueError(f"path {forced!r} cannot compute {self.extra_repr()} on {x.device.type}: "
-                                 f"it can take {', '.join(options)} (or auto)")  # fmt: skip
-            return self._run(forced, x)
+        route = (x.device.type, x.dtype, torch.is_autocast_enabled(x.device.type), x.numel() // self.in_features)
+        path = self._routes.get(route)  # this layer's decision for these inputs (the hot path: one dict lookup)
+        if path is None:
+            path = self._route(x)
+            self._routes[route] = path
+        return self._run(path, x)
+
+    def _route(self, x: Tensor) -> str:
+        mode = self.path if self.path != "auto" else kernels.policy()
+        found = kernels.kernel(self.bits, self.group_size, self.symmetric, self.out_features, self.in_features,
+                               x.device)  # fmt: skip
+        if mode not in ("auto", "lean"):
+            if mode not in (found, "dense", "dequant"):
+                raise ValueError(f"path {mode!r} cannot compute {self.extra_repr()} on {x.device.type}: it can take "
+                                 f"{', '.join(p for p in (found, 'dense', 'dequant') if p)}, auto or lean")  # fmt: skip
+            return mode
+        options = kernels.candidates(found, lean=mode == "lean")
         if len(options) == 1:
-            return self._run(options[0], x)
-        tokens = x.numel() // self.in_features
+            return options[0]
         key = (x.device.type, quant.compute_dtype(x), self.out_features, self.in_features, self.bits,
-               self.group_size, self.symmetric, kernels.bucket(tokens))  # fmt: skip
+               self.group_size, self.symmetric, mode, kernels.bucket(x.numel() // self.in_features))  # fmt: skip
         with torch.no_grad():
             path = kernels.choose(key, {p: (lambda p=p: self._run(p, x)) for p in options})
-        if path == "dense":
-            self._keep_dense = True
-        elif not self._keep_dense:
+        if path != "dense" and "dense" not in self._routes.values():
             self._dense = None  # built only to be timed
-        return self._run(path, x)
+        return path
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

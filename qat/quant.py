@@ -193,8 +193,11 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """F.linear in the compute dtype, with explicit casts (no autocast inside): shared by the fake-quant and
     the converted paths so that they compute bit-identical outputs."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev) and w.dtype == x.dtype and (b is None or b.dtype == x.dtype):
+        return F.linear(x, w, b)  # nothing to cast: skip the context manager (a per-call cost in small models)
     dt = compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(dev, enabled=False):
         return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
 
 

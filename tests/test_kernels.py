@@ -35,7 +35,7 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_path_matches_the_fake_quant_model(bits, group_size, symmetric, path, dtype):
     fq, q = layer(bits, group_size, symmetric)
-    assert path in kernels.paths(bits, group_size, symmetric, 96, 256, torch.device("cpu"))
+    assert kernels.kernel(bits, group_size, symmetric, 96, 256, torch.device("cpu")) == path
     x = torch.randn(2, 5, 256)
     with torch.no_grad():
         ref = nn.functional.linear(x.to(dtype), fq.weight_quantizer(fq.weight).to(dtype), fq.bias.to(dtype))
@@ -43,8 +43,10 @@ def test_kernel_path_matches_the_fake_quant_model(bits, group_size, symmetric, p
         y = q(x.to(dtype))
         q.path = "dense"
         dense = q(x.to(dtype))
+        q.path = "dequant"
+        dequant = q(x.to(dtype))
     assert y.dtype == dtype and y.shape == (2, 5, 96)
-    assert torch.equal(dense, ref)  # the dense path is the reference itself
+    assert torch.equal(dense, ref) and torch.equal(dequant, ref)  # both dequantizing paths are the reference
     # kernels: float32 reassociation; bfloat16 also rounds the scales and offsets to 8 bits of mantissa
     assert rel_error(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2), rel_error(y, ref)
     assert q.held == path  # the dense weight was dequantized from the kernel's layout, which stays
@@ -114,8 +116,9 @@ def test_choice_is_measured_once_per_key_and_picks_the_fastest():
     kernels.forget()
 
 
-def test_auto_picks_a_path_per_token_bucket_and_drops_an_unused_dense_weight(monkeypatch):
-    monkeypatch.setenv("QAT_KERNELS", "auto")
+@pytest.mark.parametrize("mode,alternative", [("auto", "dense"), ("lean", "dequant")])
+def test_auto_and_lean_pick_a_path_per_token_bucket(monkeypatch, mode, alternative):
+    monkeypatch.setenv("QAT_KERNELS", mode)
     kernels.forget()
     fq, q = layer(4, 64, True)
     x1, x64 = torch.randn(1, 256), torch.randn(64, 256)
@@ -123,8 +126,12 @@ def test_auto_picks_a_path_per_token_bucket_and_drops_an_unused_dense_weight(mon
         for x in (x1, x64):
             assert rel_error(q(x), fq(x)) < 1e-5
     made = {k[-1]: v for k, v in kernels.decisions().items() if k[2:4] == (96, 256)}
-    assert set(made) == {kernels.bucket(1), kernels.bucket(64)} and set(made.values()) <= {"int4", "dense"}
-    assert (q._dense is not None) == ("dense" in made.values())  # kept only where the dense path won
+    assert set(made) == {kernels.bucket(1), kernels.bucket(64)} and set(made.values()) <= {"int4", alternative}
+    assert (q._dense is not None) == ("dense" in made.values())  # a dense copy only where it won (never if lean)
+    _, q3 = layer(3, 64, False)  # no kernel: the dequantized weight, cached unless lean
+    with torch.no_grad():
+        q3(x1)
+    assert q3.last_path == alternative and (q3._dense is not None) == (mode == "auto")
     kernels.forget()
 
 
