@@ -170,6 +170,9 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
     if not is_artifact(checkpoint):
         raise RecipeError(f"checkpoint={checkpoint}: not an artifact of this toolkit (no {QUANT_FILE})")
     model, tokenizer = load_artifact(checkpoint)
+    if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise RecipeError(f"checkpoint={checkpoint}: a float artifact (quant.bits=16) has nothing to export; "
+                          "save it with transformers' save_pretrained")  # fmt: skip
     writer = ct.export if fmt == "compressed-tensors" else gptq.export
     return writer(model, tokenizer, Path(out))
 

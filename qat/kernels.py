@@ -24,8 +24,9 @@ times each candidate (warm-up, then the median of a few calls) the first time a 
 (device, dtype, token-count bucket) and remembers the winner for the whole process: every layer of the same
 shape reuses the decision. `QuantizedLinear.path` sets a layer's policy or forces one path, the environment
 variable QAT_KERNELS every layer's (`policy`; "dense" is the exact reference: the tests use it, and so should
-whoever needs outputs that do not depend on timings). Decisions are per process: two processes may decide differently for a
-shape whose candidates time within noise of each other, and their outputs then differ at the kernels' rounding.
+whoever needs outputs that do not depend on timings). Decisions are per process: two processes may decide
+differently for a shape whose candidates time within noise of each other, and their outputs then differ at the
+kernels' rounding.
 
 Not covered: the CUDA int4 kernel (`aten._weight_int4pack_mm`, another packing; there was no GPU to verify it
 on), activation quantization (W8A8), asymmetric or grouped int8 kernels.

@@ -144,6 +144,14 @@ def test_gptq_refuses_what_v1_cannot_hold(tmp_path, extra, match):
         export.export(final, "gptq", tmp_path / "gptq")
 
 
+def test_a_float_artifact_is_refused(tmp_path):
+    from qat.config import RecipeError
+
+    final = artifact(tmp_path, "qwen3", "quant.bits=16")
+    with pytest.raises(RecipeError, match="nothing to export"):
+        export.export(final, "compressed-tensors", tmp_path / "ct")
+
+
 def test_an_off_grid_zero_point_is_refused(tmp_path):
     final = artifact(tmp_path, "qwen3", "quant.bits=4", "quant.group_size=32", "quant.symmetric=false")
     model, tok = load(final)
