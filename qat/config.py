@@ -180,6 +180,25 @@ class DiffusionConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA-QAT (qat/lora.py): low-rank adapters on the fake-quantized linears, the base frozen; r = 0: off."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    scales: bool = False  # also train the learned (LSQ) quantizer scales and zero points
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, f"train.lora.r must be >= 0, got {self.r}")
+        _check(self.alpha > 0, f"train.lora.alpha must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, f"train.lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(bool(self.targets), "train.lora.targets must name at least one module")
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps; 0 = PTQ only (prepare → convert → save)
     lr: float = 1e-5
@@ -210,6 +229,7 @@ class TrainConfig:
     stop_after: int = 0  # end this invocation after N more steps, with a checkpoint (time-boxed jobs)
     eval_every: int = 0  # validation loss (eval.heldout's metric) every N steps, at start and end; 0 = off
     eval_rows: int = 64  # validation windows of seq_len tokens (the first N of data.eval_path / validation split)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
     def distills(self) -> bool:
@@ -251,6 +271,10 @@ class Recipe:
 
     def __post_init__(self) -> None:
         q, t = self.quant, self.train
+        _check(
+            not (t.lora.r and t.lora.scales and q.scales != "lsq"),
+            "train.lora.scales=true trains learned scales: set quant.scales=lsq",
+        )
         _check(
             not (q.init == "gptq" and q.enabled and t.distills and t.kd_teacher == "self"),
             "quant.init=gptq rewrites the weights onto the grid, so the 'self' teacher (fake quant off) would be "

@@ -51,10 +51,11 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qat import blockap, data, objectives
+from qat import blockap, data, lora, objectives
 from qat.config import Recipe, RecipeError, exit_on_error, flatten, load_recipe, save_recipe
 from qat.export import save_artifact, size_report
 from qat.models import DTYPES, adapter, check_path, family_of
+from qat.modules import QuantizedLinear
 from qat.ptq.calibrate import calibration_ids
 from qat.ptq.pipeline import quantize_model
 from qat.swap import convert, fake_quant_modules, prepare, quant_stats, rederive_scales, set_fake_quant
@@ -72,6 +73,7 @@ class ValidationResult:
     ptq: float | None = None
     final: float | None = None
     curve: list | None = None
+    merged: float | None = None  # LoRA-QAT: the artifact, after merging the adapters and re-quantizing
 
 
 class Validation:
@@ -118,8 +120,10 @@ class Validation:
         if r.ptq is not None:
             parts.append(f"PTQ {q.init} W{q.bits} (step 0) {r.ptq:.4f}")
         if r.curve:
-            what = "QAT" if q.enabled else "fine-tuned"
+            what = ("LoRA-QAT" if recipe.train.lora.r else "QAT") if q.enabled else "fine-tuned"
             parts.append(f"{what} (step {r.curve[-1][0]}) {r.final:.4f}")
+        if r.merged is not None:
+            parts.append(f"merged and re-quantized {r.merged:.4f}")
         return f"validation loss ({r.metric}; {r.data}, {r.windows} windows): " + " | ".join(parts)
 
 
@@ -297,11 +301,24 @@ def train(recipe: Recipe) -> Path:
                 say(f"validation after block-wise reconstruction: {val(model):.4f}")
     if not (recipe.train.distills and recipe.train.kd_teacher == "frozen"):
         teacher = None  # kept only for the reconstruction
+    if recipe.train.lora.r:
+        model = lora.wrap(model, recipe.train.lora)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        say(f"lora: r={recipe.train.lora.r} on {','.join(recipe.train.lora.targets)}; "
+            f"{n_train / 1e6:.3f}M trainable parameters")  # fmt: skip
 
     done = True
     if recipe.train.steps > 0:
         model, done = fit(recipe, accelerator, model, tokenizer, teacher, val)
     final = finish(recipe, accelerator, model, tokenizer, ptq.bits) if done else out / "final"
+    if val is not None and done and recipe.train.lora.r and recipe.train.steps > 0:  # what the artifact computes
+        from qat.models import load
+
+        merged = load(final)[0]
+        for m in merged.modules():
+            if isinstance(m, QuantizedLinear):
+                m.path = "dense"  # exactly what the fake-quant model of the merged weights computes
+        val.record("merged", recipe.train.steps, val(merged))
     if val is not None and done:
         say(val.summary(recipe))
         if accelerator.is_main_process:
@@ -458,9 +475,10 @@ def compute_loss(recipe: Recipe, model, unwrapped, teacher, batch: dict, fq_on: 
     with torch.no_grad():
         if teacher is not None:
             t_out = teacher(input_ids=ex.inputs, output_hidden_states=hidden)
-        else:  # the same weights with fake quant off: the float model the student is being pulled towards
+        else:  # the same weights with fake quant off (and adapters off): the float model the student is pulled to
             set_fake_quant(unwrapped, False)
-            t_out = model(input_ids=ex.inputs, output_hidden_states=hidden)
+            with unwrapped.disable_adapter() if lora.is_wrapped(unwrapped) else nullcontext():
+                t_out = model(input_ids=ex.inputs, output_hidden_states=hidden)
             set_fake_quant(unwrapped, fq_on)
     kd = objectives.kd_loss(out.logits, t_out.logits, ex, t.kd_temperature)
     loss, parts = (1 - t.kd) * ce + t.kd * kd, {"train/ce_loss": ce.detach(), "train/kd_loss": kd.detach()}
@@ -504,10 +522,14 @@ def finish(recipe: Recipe, accelerator: Accelerator, model, tokenizer, bits: dic
             finally:
                 hf_ds._hf_deepspeed_config_weak_ref = keep
             prepare(model, recipe.quant, bits)  # the shells; weights and quantizer state come from the state dict
+            if recipe.train.lora.r:
+                model = lora.wrap(model, recipe.train.lora)  # the same keys as the trained model's
             model.load_state_dict(state)
     else:
         model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
+        if lora.is_wrapped(model):
+            model = lora.merge(model)  # W + BA, then quantized on the trained grid by convert (qat/lora.py)
         model = convert(model.cpu())  # training is over: the model can be baked in place
         if final.exists():
             shutil.rmtree(final)
