@@ -7,10 +7,13 @@ state and gradients cost a few percent of full QAT's; the frozen base keeps its 
 adapters learn to correct the quantized model, with the family's own loss and distillation. FakeQuantLinear is an
 nn.Linear, so PEFT's own LoRA layer wraps it unchanged (`peft.get_peft_model`).
 
-Merge. At the end W ← W + (α/r) B A (PEFT's `merge_and_unload`) and the merged weight is quantized on the grid
-training ended with (the PTQ scales, or the learned ones): plain re-quantization, so the artifact computes
-Q(W + BA) where training saw Q(W) + BA, and the trainer reports the validation loss after the merge next to the
-one before. QA-LoRA's group-wise variant (adapters on group-pooled inputs, so that BA is constant within each
+Merge. Training computed (Q(W) + (α/r) B A) x, so that is the weight merged: each base weight is first replaced
+by its quantized value Q(W), then the adapter is added (PEFT's `merge_and_unload`), and the sum is quantized on
+the grid training ended with (the PTQ scales, or the learned ones). A code changes only where the adapter moved
+the weight by more than half a step. (Merging into the latent W instead would flip codes wherever W sits near a
+rounding boundary, as GPTQ's pre-rounding latents do: a first version did that and ended worse than GPTQ.) This
+is plain re-quantization: the artifact computes Q(Q(W) + BA), and the trainer reports its validation loss next
+to the pre-merge one. QA-LoRA's group-wise variant (adapters on group-pooled inputs, so that BA is constant within each
 quantization group and folds exactly into the zero points) would keep the merged model exactly on the grid for
 asymmetric grids; it is not implemented here.
 
@@ -45,7 +48,17 @@ def wrap(model: nn.Module, cfg: LoraConfig) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """The base model with every adapter folded into its (latent, float) weights; quantizers unchanged."""
+    """The base model with every adapter folded into its quantized weight, Q(W) + BA (module docstring);
+    quantizers unchanged, so converting it re-quantizes that sum on the trained grid."""
+    import torch
+
+    from qat.modules import FakeQuantLinear
+
+    with torch.no_grad():
+        for m in model.modules():
+            base = getattr(m, "base_layer", None)
+            if isinstance(base, FakeQuantLinear) and getattr(m, "lora_A", None):
+                base.weight.copy_(base.weight_quantizer(base.weight))
     return model.merge_and_unload()
 
 

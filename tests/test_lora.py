@@ -78,7 +78,8 @@ def test_merge_is_the_adapter_folded_in_and_quantized_on_the_trained_grid():
     for name, m in model.named_modules():
         if hasattr(m, "lora_A") and "default" in m.lora_A:
             delta = m.lora_B["default"].weight @ m.lora_A["default"].weight * m.scaling["default"]
-            expected[name.removeprefix("base_model.model.")] = (m.base_layer.weight + delta).detach().clone()
+            on_grid = m.base_layer.weight_quantizer(m.base_layer.weight)  # what training computed with
+            expected[name.removeprefix("base_model.model.")] = (on_grid + delta).detach().clone()
     merged = lora.merge(model)
     assert not lora.is_wrapped(merged) and len(expected) == 14
     for name, w in expected.items():
@@ -92,6 +93,20 @@ def test_merge_is_the_adapter_folded_in_and_quantized_on_the_trained_grid():
         q = merged.get_submodule(name)
         assert isinstance(q, QuantizedLinear)
         assert torch.equal(q.codes().float(), quant.quantize(weights[name].float(), s, torch.round(z), 4, False))
+
+
+def test_merging_a_small_adapter_keeps_every_code():
+    """Adapters below half a step change no code, even where the latent weight sits next to a boundary."""
+    model = lora.wrap(prepared(), LoraConfig(r=4))
+    codes = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m.weight_quantizer.codes(m.weight)[0]
+             for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}  # fmt: skip
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data.normal_(std=1e-4)
+    merged = lora.merge(model)
+    for n, m in merged.named_modules():
+        if isinstance(m, FakeQuantLinear):
+            assert torch.equal(m.weight_quantizer.codes(m.weight)[0], codes[n]), n
 
 
 def test_steps0_with_lora_is_the_ptq_artifact(tmp_path):
