@@ -410,15 +410,17 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
                 rng = objectives.noise_generator(accelerator.device, t.seed, accelerator.process_index, state.step, i)
                 with accelerator.accumulate(model):
                     loss, parts = compute_loss(recipe, model, unwrapped, teacher, batch, fq_on, rng)
+                    # Checked on every rank *before* the backward: DeepSpeed's engine steps inside it.
+                    seen = accelerator.reduce(loss.detach().float(), "mean").item()
+                    if not math.isfinite(seen):
+                        last = checkpoints(out)
+                        raise TrainingError(
+                            f"loss is {seen} at step {state.step}; stopped before the update. "
+                            f"Last good checkpoint: {last[-1] if last else 'none (set train.save_every)'}"
+                        )
                     accelerator.backward(loss)
                 losses.append(loss.detach())
             step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-            if not math.isfinite(step_loss):
-                last = checkpoints(out)
-                raise TrainingError(
-                    f"loss is {step_loss} at step {state.step}; stopped before the update. "
-                    f"Last good checkpoint: {last[-1] if last else 'none (set train.save_every)'}"
-                )
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -166,6 +166,54 @@ def test_deepspeed_zero2_two_processes(tmp_path):
     assert "processes: 2" in p.stdout, p.stdout[-2000:]
 
 
+NAN_AT_STEP = """
+import math, sys
+import torch
+from accelerate import Accelerator
+from qat import train
+
+calls, backward = {"n": 0}, Accelerator.backward
+real = train.compute_loss
+
+
+def compute_loss(*args, **kwargs):  # the loss of rank 1's third micro-batch is NaN
+    loss, parts = real(*args, **kwargs)
+    calls["n"] += 1
+    if calls["n"] == 3 and args[1].device.type == "cpu" and int(__import__("os").environ.get("RANK", "0")) == 1:
+        loss = loss * float("nan")
+    return loss, parts
+
+
+def checked_backward(self, loss, **kwargs):
+    if not math.isfinite(float(loss.detach())):
+        print("BACKWARD OF A NON-FINITE LOSS", flush=True)
+    return backward(self, loss, **kwargs)
+
+
+train.compute_loss, Accelerator.backward = compute_loss, checked_backward
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_nonfinite_loss_stops_before_the_engine_steps(tmp_path):
+    """Under DeepSpeed the engine steps inside backward: a NaN on one rank must stop every rank before it."""
+    script = tmp_path / "nan_at_step.py"
+    script.write_text(NAN_AT_STEP)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/zero2.yaml",
+           "--num_processes", "2", "--main_process_port", str(free_port()), str(script), *TINY, "train.steps=5",
+           "train.save_every=1", f"out_dir={tmp_path / 'run'}"]  # fmt: skip
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert p.returncode != 0, p.stdout[-2000:]
+    out = p.stdout + p.stderr
+    assert "loss is nan at step 2; stopped before the update" in out, out[-3000:]
+    assert "Last good checkpoint:" in out and "step_00000002" in out
+    assert "BACKWARD OF A NON-FINITE LOSS" not in out
+    assert sorted(c.name for c in (tmp_path / "run" / "checkpoints").iterdir())[-1] == "step_00000002"
+    assert not (tmp_path / "run" / "final").exists()
+
+
 @pytest.mark.parametrize("name", ["zero2", "zero3"])
 def test_deepspeed_launch_configs_validate(name):
     """Each shipped DeepSpeed launch config becomes a valid DeepSpeed config (no processes needed)."""
