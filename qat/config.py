@@ -190,9 +190,13 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     scales: bool = False  # also train the learned (LSQ) quantizer scales and zero points
+    # requant: plain LoRA, merged as Q(W) + BA re-quantized on the grid | group: QA-LoRA adapters on group-pooled
+    # inputs, whose delta is constant within each quantization group and folds exactly into a per-group offset
+    merge: str = "requant"
 
     def __post_init__(self) -> None:
         _check(self.r >= 0, f"train.lora.r must be >= 0, got {self.r}")
+        _check(self.merge in ("requant", "group"), f"train.lora.merge must be requant or group, got {self.merge!r}")
         _check(self.alpha > 0, f"train.lora.alpha must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, f"train.lora.dropout must be in [0, 1), got {self.dropout}")
         _check(bool(self.targets), "train.lora.targets must name at least one module")

@@ -60,6 +60,7 @@ def save_artifact(model: nn.Module, tokenizer, recipe: Recipe | None, out: str |
             "group_size": m.group_size,
             "symmetric": m.symmetric,
             "bias": m.bias is not None,
+            **({"offset": True} if m.offset is not None else {}),
         }
         for name, m in model.named_modules()
         if isinstance(m, QuantizedLinear)
@@ -122,9 +123,8 @@ def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str 
         model = AutoModelForCausalLM.from_config(config, dtype=saved, attn_implementation=resolve_attn(attn))
     for name, m in meta["modules"].items():
         lin = model.get_submodule(name)
-        shell = QuantizedLinear(
-            lin.in_features, lin.out_features, m["bits"], m["group_size"], m["symmetric"], m["bias"], saved
-        )
+        shell = QuantizedLinear(lin.in_features, lin.out_features, m["bits"], m["group_size"], m["symmetric"],
+                                m["bias"], saved, offset=m.get("offset", False))  # fmt: skip
         replace_module(model, name, shell)
     tensors = load_file(str(path / WEIGHTS_FILE))
     for dropped, kept in meta.get("tied", {}).items():

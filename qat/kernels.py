@@ -56,14 +56,15 @@ def policy() -> str:
 
 
 def kernel(bits: int, group_size: int, symmetric: bool, out_features: int, in_features: int,
-           device: torch.device) -> str | None:  # fmt: skip
-    """The integer kernel that can compute this layer on `device`, if any ("int4", "int8" or None)."""
+           device: torch.device, offset: bool = False) -> str | None:  # fmt: skip
+    """The integer kernel that can compute this layer on `device`, if any ("int4", "int8" or None). `offset`: the
+    layer adds a float offset per group (a QA-LoRA merge), which tinygemm's grid holds and the int8 kernel not."""
     if device.type != "cpu":
         return None
     gs = in_features if group_size == -1 else group_size
     if bits == 4 and out_features % 16 == 0 and gs in INT4_GROUPS and in_features % gs == 0:
         return "int4"
-    if bits == 8 and symmetric and group_size in (-1, in_features):
+    if bits == 8 and symmetric and group_size in (-1, in_features) and not offset:
         return "int8"
     return None
 
@@ -117,11 +118,14 @@ def int4_pack(codes: Tensor, symmetric: bool) -> Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), INT4_TILES)
 
 
-def int4_scales_zeros(scale: Tensor, zero: Tensor | None) -> Tensor:
+def int4_scales_zeros(scale: Tensor, zero: Tensor | None, offset: Tensor | None = None) -> Tensor:
     """(s, m) per group as the kernel wants them, [groups, out, 2] in float32 (cast to the activation dtype
-    when used): m = (8 − z)·s for an asymmetric grid, 0 for a symmetric one (module docstring)."""
+    when used): m = (8 − z)·s for an asymmetric grid, 0 for a symmetric one (module docstring), plus any float
+    offset per group."""
     s = scale.float()
     m = torch.zeros_like(s) if zero is None else (8 - zero.float()) * s
+    if offset is not None:
+        m = m + offset.float()
     return torch.stack([s, m], -1).transpose(0, 1).contiguous()
 
 

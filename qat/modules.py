@@ -119,7 +119,14 @@ class FakeQuantLinear(nn.Linear):
             return super().forward(x)
         q = self.weight_quantizer
         s, z = q.qparams(self.weight)
-        return quant.fake_quant_linear(x, self.weight, self.bias, s, z, q.bits, q.symmetric)
+        y = quant.fake_quant_linear(x, self.weight, self.bias, s, z, q.bits, q.symmetric)
+        offset = getattr(self, "offset", None)  # a QA-LoRA merge's per-group offset (qat/lora.py)
+        return y if offset is None else y + quant.linear(x, expand_groups(offset, self.in_features), None)
+
+
+def expand_groups(per_group: Tensor, in_features: int) -> Tensor:
+    """[out, groups] → [out, in]: each group's value repeated over its inputs."""
+    return per_group.repeat_interleave(in_features // per_group.shape[1], dim=1)
 
 
 class QuantizedLinear(nn.Module):
@@ -134,7 +141,7 @@ class QuantizedLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
-        bias: bool = False, dtype: torch.dtype = torch.float32,
+        bias: bool = False, dtype: torch.dtype = torch.float32, offset: bool = False,
     ):  # fmt: skip
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -143,6 +150,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(self._packed_bytes(), dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, n_groups))
         self.register_buffer("zero_point", None if symmetric else torch.zeros(out_features, n_groups))
+        # a float added to every weight of a group (ŵ = (q − z)·s + offset): a QA-LoRA merge (qat/lora.py)
+        self.register_buffer("offset", torch.zeros(out_features, n_groups) if offset else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self._path = "auto"
         self.held = "packed"
@@ -166,7 +175,11 @@ class QuantizedLinear(nn.Module):
     def from_fake_quant(cls, m: FakeQuantLinear) -> QuantizedLinear:
         q = m.weight_quantizer
         group_size = m.in_features // q.n_groups
-        new = cls(m.in_features, m.out_features, q.bits, group_size, q.symmetric, m.bias is not None, m.weight.dtype)
+        offset = getattr(m, "offset", None)
+        new = cls(m.in_features, m.out_features, q.bits, group_size, q.symmetric, m.bias is not None, m.weight.dtype,
+                  offset=offset is not None)  # fmt: skip
+        if offset is not None:
+            new.offset = offset.detach().float().clone()
         codes, s, z = q.codes(m.weight)
         qmin = quant.int_range(q.bits, q.symmetric)[0]
         new.qweight = quant.pack((codes - qmin).to(torch.uint8), q.bits).to(m.weight.device)
@@ -189,7 +202,10 @@ class QuantizedLinear(nn.Module):
         return (u.to(torch.int16) + qmin).view(shape)
 
     def dequantized_weight(self) -> Tensor:
-        return quant.dequantize(self.codes(), self.scale, self.zero_point).to(self.dtype)
+        w = quant.dequantize(self.codes(), self.scale, self.zero_point)
+        if self.offset is not None:
+            w = w + expand_groups(self.offset, self.in_features)
+        return w.to(self.dtype)
 
     def _hold(self, layout: str) -> None:
         """Re-lay the codes out as `layout` ("packed", "int4" or "int8"), in place."""
@@ -223,7 +239,8 @@ class QuantizedLinear(nn.Module):
         dt = quant.compute_dtype(x)
         x2 = x.to(dt).reshape(-1, self.in_features)
         if dt not in self._kernel_scales:
-            s = kernels.int4_scales_zeros(self.scale, self.zero_point) if path == "int4" else self.scale[:, 0]
+            s = (kernels.int4_scales_zeros(self.scale, self.zero_point, self.offset) if path == "int4"
+                 else self.scale[:, 0])  # fmt: skip
             self._kernel_scales[dt] = s.to(dt)
         if path == "int4":
             gs = self.in_features if self.group_size == -1 else self.group_size
@@ -245,7 +262,7 @@ class QuantizedLinear(nn.Module):
     def _route(self, x: Tensor) -> str:
         mode = self.path if self.path != "auto" else kernels.policy()
         found = kernels.kernel(self.bits, self.group_size, self.symmetric, self.out_features, self.in_features,
-                               x.device)  # fmt: skip
+                               x.device, offset=self.offset is not None)  # fmt: skip
         if mode not in ("auto", "lean"):
             if mode not in (found, "dense", "dequant"):
                 raise ValueError(f"path {mode!r} cannot compute {self.extra_repr()} on {x.device.type}: it can take "

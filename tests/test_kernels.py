@@ -150,3 +150,16 @@ def test_artifact_loads_on_meta_skeleton_with_tied_weights(tmp_path):
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     if model.config.tie_word_embeddings:
         assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_int4_kernel_holds_a_per_group_offset():
+    """A QA-LoRA merge's float offset per group (qat/lora.py) rides in tinygemm's own offset term."""
+    _, q = layer(4, 64, False)
+    q.offset = torch.randn(96, 4) * 0.01
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        q.path = "dense"
+        ref = q(x)
+        q.path = "int4"
+        assert rel_error(q(x), ref) < 1e-5
+    assert kernels.kernel(8, -1, True, 96, 256, torch.device("cpu"), offset=True) is None  # int8 has no offset

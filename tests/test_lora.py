@@ -138,3 +138,39 @@ def test_bad_lora_settings_are_one_line_errors():
         load_recipe([*TINY, "train.lora.r=-1"])
     with pytest.raises(RecipeError, match="no linear named"):
         lora.wrap(prepared(), LoraConfig(r=4, targets=["qkv"]))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "coda"])
+def test_group_merge_is_exact(family):
+    """QA-LoRA: the adapter's delta is constant within each quantization group, so folding it into a per-group
+    offset changes no code and the converted model computes what the trained one did."""
+    model, _ = load(ROOT / f"checkpoints/micro-{family}")
+    prepare(model, QuantConfig(bits=4, group_size=32, symmetric=False, scales="lsq"))
+    model = lora.wrap(model, LoraConfig(r=4, merge="group"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(std=0.05)
+    with torch.no_grad():
+        trained = model(input_ids=ids()).logits
+        codes = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m.weight_quantizer.codes(m.weight)[0]
+                 for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}  # fmt: skip
+        merged = convert(lora.merge(model))
+        assert torch.allclose(merged(input_ids=ids()).logits, trained, atol=1e-5)
+    for n, m in merged.named_modules():
+        if isinstance(m, QuantizedLinear):
+            assert torch.equal(m.codes().float(), codes[n]) and m.offset is not None, n
+
+
+def test_group_lora_qat_artifact_computes_the_trained_model(tmp_path, capsys):
+    from qat import export
+
+    run(tmp_path, "train.steps=3", "train.lora.r=4", "train.lora.merge=group", "quant.symmetric=false",
+        "train.eval_every=3", "train.eval_rows=2", "train.lr=1e-2")  # fmt: skip
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("validation loss ("))
+    trained = float(line.split("LoRA-QAT (step 3) ")[1].split()[0])
+    merged = float(line.split("merged and re-quantized ")[1].split()[0])
+    assert abs(trained - merged) < 1e-4, line
+    model, _ = load(tmp_path / "final")
+    assert all(m.offset is not None for m in model.modules() if isinstance(m, QuantizedLinear))
+    with pytest.raises(ValueError, match="offset"):
+        export.export(tmp_path / "final", "compressed-tensors", tmp_path / "ct")

@@ -57,6 +57,9 @@ def linears(model: nn.Module) -> list[Linear]:
     out = []
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
+            if m.offset is not None:
+                raise ValueError(f"{name}: a float offset per group (a QA-LoRA merge, train.lora.merge=group) "
+                                 "is not a grid either format stores; export a train.lora.merge=requant run")
             zero = None
             if m.zero_point is not None:
                 zero = m.zero_point.round()
