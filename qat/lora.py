@@ -13,9 +13,8 @@ the grid training ended with (the PTQ scales, or the learned ones). A code chang
 the weight by more than half a step. (Merging into the latent W instead would flip codes wherever W sits near a
 rounding boundary, as GPTQ's pre-rounding latents do: a first version did that and ended worse than GPTQ.) This
 is plain re-quantization: the artifact computes Q(Q(W) + BA), and the trainer reports its validation loss next
-to the pre-merge one. QA-LoRA's group-wise variant (adapters on group-pooled inputs, so that BA is constant within each
-quantization group and folds exactly into the zero points) would keep the merged model exactly on the grid for
-asymmetric grids; it is not implemented here.
+to the pre-merge one. At 2 bits the adapter's deltas all stay under half a step, and the merge keeps nothing of
+what it learned (LOG.md): the group merge below does not have that problem.
 
 Group merge (`train.lora.merge=group`, QA-LoRA): the adapter reads the input averaged over each quantization
 group, y = Q(W) x + (α/r) B A pool_g(x) with A [r, in/g], so its weight delta (α/r)·(BA)[o, k // g] / g is one
