@@ -134,15 +134,29 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainState:
     """What the loop needs besides model/optimizer/RNG to resume: the optimizer step reached (the learning
-    rate is a function of it)."""
+    rate is a function of it), the micro-batches all processes together consumed (the data position, which a
+    resume on another number of processes divides among its own), and how many processes wrote it."""
 
     step: int = 0
+    batches: int = -1  # global micro-batches consumed; -1: not known (a checkpoint from before it was kept)
+    world: int = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "batches": self.batches, "world": self.world}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.step = int(sd["step"])
+        self.step, self.batches, self.world = int(sd["step"]), int(sd.get("batches", -1)), int(sd.get("world", 0))
+
+
+CUSTOM_STATE = "custom_checkpoint_0.pkl"  # where accelerate's save_state puts the first registered object
+
+
+def resume_skip(batches: int, world: int) -> tuple[int, int]:
+    """(micro-batches each of `world` processes skips, micro-batches of the global order left out) to continue
+    after `batches` global micro-batches: process p takes global batches p, p + world, ... (accelerate's
+    sharding), so each skips batches // world; a remainder (a new world size that does not divide the position)
+    is left out rather than seen twice."""
+    return batches // world, batches % world
 
 
 def _env_flag(name: str) -> bool:
@@ -369,14 +383,29 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
     accelerator.register_for_checkpointing(state)
 
     ckpt = find_resume(recipe)
+    state.world = world
     if ckpt is not None:
+        saved = torch.load(ckpt / CUSTOM_STATE, weights_only=True) if (ckpt / CUSTOM_STATE).is_file() else {}
+        before = int(saved.get("world", 0)) or world
+        if before != world and accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise RecipeError(f"{ckpt} was written by {before} DeepSpeed processes; its partitioned optimizer state "
+                              f"cannot be loaded by {world}: resume with {before} processes")  # fmt: skip
         accelerator.load_state(str(ckpt))
-        say(f"resumed from {ckpt} at step {state.step}")
+        if state.batches < 0:  # an older checkpoint: written by this many processes
+            state.batches = state.step * t.grad_accum * world
+        say(f"resumed from {ckpt} at step {state.step}" + (f" (written by {before} processes, now {world})"
+                                                            if before != world else ""))  # fmt: skip
+    if state.batches < 0:
+        state.batches = 0
+    state.world = world
+    skip, lost = resume_skip(state.batches, world)
+    if lost:
+        say(f"data: {lost} micro-batch(es) of the order left out ({state.batches} consumed by {world} processes)")
     say(f"data: {len(rows)} rows × {t.seq_len} tokens, {len(loader)} micro-batches per epoch per process; "
         f"processes: {world} ({accelerator.distributed_type.value})")  # fmt: skip
 
     unwrapped = accelerator.unwrap_model(model)
-    micro = batches(accelerator, loader, state.step * t.grad_accum)
+    micro = batches(accelerator, loader, skip)
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world
     stop_at = min(t.steps, state.step + t.stop_after) if t.stop_after else t.steps
     bar = tqdm(total=t.steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
@@ -425,6 +454,7 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
+            state.batches += t.grad_accum * world
             interval_losses.append(step_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")

@@ -214,6 +214,45 @@ def test_deepspeed_nonfinite_loss_stops_before_the_engine_steps(tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_resume_skip_divides_the_global_position():
+    assert train.resume_skip(8, 2) == (4, 0) and train.resume_skip(8, 1) == (8, 0)  # 2 ranks → 1: the same order
+    assert train.resume_skip(8, 3) == (2, 2)  # 3 ranks: 6 batches skipped, 2 left out (never seen twice)
+    assert train.resume_skip(0, 4) == (0, 0)
+
+
+def launch_any(tmp: Path, config: str, n: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", str(n),
+           "--main_process_port", str(free_port()), "qat/train.py", *TINY, "train.steps=4", "train.save_every=1",
+           f"out_dir={tmp}", *extra]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"} if "ddp" in config else dict(os.environ)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes(tmp_path):
+    """A DDP run stopped at step 2 on 2 processes continues on 1: the global data position (4 micro-batches of
+    2 sequences) carries over, the run ends, and the artifact loads."""
+    first = launch_any(tmp_path, "launch/ddp.yaml", 2, "train.stop_after=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = train.main([*TINY, "train.steps=4", "train.save_every=1", f"out_dir={tmp_path}", "train.resume=auto"])
+    assert second == tmp_path / "final"
+    import torch as _t
+
+    state = _t.load(tmp_path / "checkpoints" / "step_00000004" / train.CUSTOM_STATE, weights_only=True)
+    assert state == {"step": 4, "batches": 2 * 2 + 2 * 1, "world": 1}  # 2 steps × 2 ranks, then 2 steps × 1
+    load(second)
+
+
+@pytest.mark.slow
+def test_deepspeed_refuses_to_resume_on_another_number_of_processes(tmp_path):
+    first = launch_any(tmp_path, "launch/zero2.yaml", 2, "train.stop_after=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch_any(tmp_path, "launch/zero2.yaml", 1, "train.resume=auto")
+    assert second.returncode != 0  # the trainer exits 2; the launcher reports any child failure as 1
+    assert "exitcode  : 2" in second.stderr, second.stderr[-3000:]
+    assert "written by 2 DeepSpeed processes" in second.stderr and "resume with 2 processes" in second.stderr
+
+
 @pytest.mark.parametrize("name", ["zero2", "zero3"])
 def test_deepspeed_launch_configs_validate(name):
     """Each shipped DeepSpeed launch config becomes a valid DeepSpeed config (no processes needed)."""
