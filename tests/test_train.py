@@ -243,6 +243,37 @@ def test_resume_on_another_number_of_processes(tmp_path):
     load(second)
 
 
+def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor inside a nested checkpoint object, by path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["ddp", "zero2", "zero3"])
+def test_two_process_stop_and_resume_equals_straight_run_bitwise(tmp_path, config):
+    """2 processes: stopping at step 2 and resuming reaches the straight run's weights and optimizer state, bit
+    for bit, under DDP and DeepSpeed ZeRO-2/3."""
+    common = ("train.save_every=2", "train.kd=0.5", "quant.scales=lsq")
+    straight = launch_any(tmp_path / "a", f"launch/{config}.yaml", 2, *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for extra in ("train.stop_after=2", "train.resume=auto"):
+        p = launch_any(tmp_path / "b", f"launch/{config}.yaml", 2, *common, extra)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert (tmp_path / "b" / "final").exists() == (extra == "train.resume=auto")
+    assert "at step 2" in p.stdout and "resumed from" in p.stdout, p.stdout[-2000:]  # it did resume
+    a, b = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = {r: tmp_path / r / "checkpoints" / "step_00000004" for r in ("a", "b")}
+    files = sorted(str(f.relative_to(ckpt["a"])) for f in ckpt["a"].rglob("*optim*"))
+    assert files, list(ckpt["a"].rglob("*"))
+    for f in files:  # the optimizer state (DeepSpeed: each rank's partition)
+        sa, sb = (_tensors(torch.load(ckpt[r] / f, map_location="cpu", weights_only=False)) for r in ("a", "b"))
+        assert sa.keys() == sb.keys() and sa and all(torch.equal(sa[k], sb[k]) for k in sa), f
+
+
 @pytest.mark.slow
 def test_deepspeed_refuses_to_resume_on_another_number_of_processes(tmp_path):
     first = launch_any(tmp_path, "launch/zero2.yaml", 2, "train.stop_after=2")
