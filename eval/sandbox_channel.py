@@ -238,7 +238,11 @@ class Client:
         return Remote(self, h, type_name)
 
     def request(self, op: str, *args):
-        send(self.wfd, [op, *[encode(a, self._handle) if i else a for i, a in enumerate(args)]])
+        message = [op, *[encode(a, self._handle) if i else a for i, a in enumerate(args)]]
+        try:
+            send(self.wfd, message)
+        except BrokenPipeError:  # the candidate has exited; its last words (an exception) may still be in the pipe
+            pass
         reply = recv(self.rfd)
         if type(reply) is list and len(reply) == 2 and reply[0] == "ok":
             return reply[1] if op == "names" else decode(reply[1], self.remote)

@@ -148,3 +148,25 @@ def test_exceptions_are_raised_as_the_builtin_of_that_name(names):
 def test_the_test_side_never_sends_its_own_objects(names):
     with pytest.raises(ch.ChannelError, match="cannot pass a function"):
         names["depth"](lambda: None)
+
+
+def test_a_candidate_that_already_exited_still_reports_its_exception():
+    """The candidate raised at import, sent its exception and exited before the tests' first request was written:
+    the write fails (broken pipe) but the tests still fail with the candidate's exception, not the pipe's."""
+    import os
+    import signal
+
+    old = signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as in Python processes: EPIPE, not a signal
+    try:
+        requests, replies = os.pipe(), os.pipe()
+        ch.send(replies[1], ["x", "KeyError", "'nope'"])
+        os.close(replies[1])
+        os.close(requests[0])  # the candidate's end of the requests pipe: gone
+        client = ch.Client(replies[0], requests[1])
+        with pytest.raises(KeyError, match="nope"):
+            client.names()
+        with pytest.raises(ch.ChannelError, match="went away"):  # and nothing more after it
+            client.names()
+        os.close(replies[0]), os.close(requests[1])
+    finally:
+        signal.signal(signal.SIGPIPE, old)
