@@ -103,12 +103,22 @@ def _unshared_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return tensors, tied
 
 
-def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str = "sdpa"):
-    """(model, tokenizer) from an artifact directory written by `save_artifact`."""
+def empty_model(config, dtype: torch.dtype, attn: str = "sdpa") -> nn.Module:
+    """The transformers model of `config` with its parameters on the meta device (no random initialisation of
+    weights about to be replaced); buffers not in a weights file, like the rotary frequencies, built for real."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from qat.models.qwen3 import resolve_attn
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=resolve_attn(attn))
+
+
+def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str = "sdpa"):
+    """(model, tokenizer) from an artifact directory written by `save_artifact`."""
+    from transformers import AutoConfig, AutoTokenizer
+
     from qat.swap import replace_module
 
     path = Path(path)
@@ -116,11 +126,7 @@ def load_artifact(path: str | Path, dtype: torch.dtype | None = None, attn: str 
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown artifact format {meta.get('format')!r} (expected {FORMAT})")
     saved = getattr(torch, meta["dtype"])
-    config = AutoConfig.from_pretrained(path)
-    # The skeleton's parameters on the meta device (no random initialisation of weights about to be replaced);
-    # buffers, like the rotary frequencies that are not in the file, are built for real.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=saved, attn_implementation=resolve_attn(attn))
+    model = empty_model(AutoConfig.from_pretrained(path), saved, attn)
     for name, m in meta["modules"].items():
         lin = model.get_submodule(name)
         shell = QuantizedLinear(lin.in_features, lin.out_features, m["bits"], m["group_size"], m["symmetric"],

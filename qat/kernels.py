@@ -19,10 +19,10 @@ Which path is fastest depends on the activation dtype and the number of tokens: 
 token and 5–11× slower for 64 or more; in float32 it is 10–100× slower than dense at every size. So by default
 a layer with a kernel uses it for few tokens and its cached dense weight for many (a prompt's prefill, every
 diffusion step), holding both copies once both ran; the "lean" policy never keeps a dense copy and dequantizes
-per call instead (the memory of the codes alone, at a price for many tokens). `choose`
-times each candidate (warm-up, then the median of a few calls) the first time a layer shape meets a
-(device, dtype, token-count bucket) and remembers the winner for the whole process: every layer of the same
-shape reuses the decision. `QuantizedLinear.path` sets a layer's policy or forces one path, the environment
+per call instead (the memory of the codes alone, at a price for many tokens). `choose` times the candidates
+(qat/latency.py's interleaved rounds: a warm-up, then the median of a few calls each) the first time a layer
+shape meets a (device, dtype, token-count bucket) and remembers the winner for the whole process: every layer of
+the same shape reuses the decision. `QuantizedLinear.path` sets a layer's policy or forces one path, the environment
 variable QAT_KERNELS every layer's (`policy`; "dense" is the exact reference: the tests use it, and so should
 whoever needs outputs that do not depend on timings). Decisions are per process: two processes may decide
 differently for a shape whose candidates time within noise of each other, and their outputs then differ at the
@@ -35,8 +35,6 @@ on), activation quantization (W8A8), asymmetric or grouped int8 kernels.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -87,16 +85,10 @@ def choose(key: tuple, candidates: dict[str, Callable[[], Tensor]]) -> str:
     if len(candidates) == 1:
         best = next(iter(candidates))
     else:
-        times = {}
-        for name, fn in candidates.items():
-            fn()  # warm-up (and any one-time packing)
-            samples = []
-            for _ in range(TIMING_CALLS):
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
-            times[name] = statistics.median(samples)
-        best = min(times, key=times.get)
+        from qat.latency import interleaved  # (qat.latency imports the modules that import this file)
+
+        times = interleaved(candidates, rounds=TIMING_CALLS)  # the warm-up also does any one-time packing
+        best = min(times, key=lambda name: times[name].median_ms)
     _CHOICES[key] = best
     return best
 

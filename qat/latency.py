@@ -34,9 +34,6 @@ class Timing:
     max_ms: float
     rounds: int
 
-    def __str__(self) -> str:
-        return f"{self.median_ms:.2f} ms [{self.min_ms:.2f}, {self.max_ms:.2f}]"
-
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 10, warmup: int = 1) -> dict[str, Timing]:
     """{name: Timing} over `rounds` interleaved rounds (module docstring)."""

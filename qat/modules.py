@@ -181,8 +181,7 @@ class QuantizedLinear(nn.Module):
         if offset is not None:
             new.offset = offset.detach().float().clone()
         codes, s, z = q.codes(m.weight)
-        qmin = quant.int_range(q.bits, q.symmetric)[0]
-        new.qweight = quant.pack((codes - qmin).to(torch.uint8), q.bits).to(m.weight.device)
+        new.qweight = quant.pack_codes(codes, q.bits, q.symmetric).to(m.weight.device)
         new.scale = s.float().clone()
         if z is not None:
             new.zero_point = z.float().clone()
@@ -217,8 +216,7 @@ class QuantizedLinear(nn.Module):
         elif layout == "int8":
             q = codes.to(torch.int8)
         else:
-            qmin = quant.int_range(self.bits, self.symmetric)[0]
-            q = quant.pack((codes - qmin).to(torch.uint8), self.bits)
+            q = quant.pack_codes(codes, self.bits, self.symmetric)
         self.qweight, self.held = q.to(self.qweight.device), layout
         self._kernel_scales = {}
 
@@ -282,8 +280,7 @@ class QuantizedLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.held != "packed":  # the artifact's layout, whatever the kernels hold in memory
-            qmin = quant.int_range(self.bits, self.symmetric)[0]
-            destination[prefix + "qweight"] = quant.pack((self.codes() - qmin).to(torch.uint8), self.bits)
+            destination[prefix + "qweight"] = quant.pack_codes(self.codes(), self.bits, self.symmetric)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._reset()

@@ -279,6 +279,11 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     return out.to(torch.uint8).reshape(-1)
 
 
+def pack_codes(codes: Tensor, bits: int, symmetric: bool) -> Tensor:
+    """Integer codes of a `bits`-bit grid (signed when symmetric) → the artifact's packing of `pack`."""
+    return pack((codes.to(torch.int64) - int_range(bits, symmetric)[0]).to(torch.uint8), bits)
+
+
 def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of `pack`: the first `numel` codes as uint8."""
     by = packed.to(torch.int64).view(-1, bits)

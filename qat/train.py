@@ -383,7 +383,6 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
     accelerator.register_for_checkpointing(state)
 
     ckpt = find_resume(recipe)
-    state.world = world
     if ckpt is not None:
         saved = torch.load(ckpt / CUSTOM_STATE, weights_only=True) if (ckpt / CUSTOM_STATE).is_file() else {}
         before = int(saved.get("world", 0)) or world

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from qat.modules import QuantizedLinear
+from qat.modules import QuantizedLinear, cast_floats
 
 FORMATS = ("compressed-tensors", "gptq")
 WEIGHTS_FILE = "model.safetensors"
@@ -151,25 +151,23 @@ def detect(path: str | Path) -> str | None:
     return method if method in FORMATS else None
 
 
-def skeleton(path: Path, dtype: torch.dtype | None, attn: str):
+def skeleton(path: Path, attn: str):
     """(model with parameters on the meta device and no quantization_config, its saved dtype, tensors)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from qat.models.qwen3 import resolve_attn
+    from qat.export import empty_model
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the modules ourselves
     saved = getattr(config, "dtype", None) or torch.float32
     saved = getattr(torch, saved) if isinstance(saved, str) else saved
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=saved, attn_implementation=resolve_attn(attn))
-    return model, saved, load_file(str(path / WEIGHTS_FILE))
+    return empty_model(config, saved, attn), saved, load_file(str(path / WEIGHTS_FILE))
 
 
-def finish(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> nn.Module:
-    """Load the plain tensors into the skeleton (assign), re-tie, check nothing is missing."""
+def finish(model: nn.Module, tensors: dict[str, Tensor], path: Path, saved: torch.dtype,
+           dtype: torch.dtype | None) -> nn.Module:  # fmt: skip
+    """Load the plain tensors into the skeleton (assign), re-tie, check nothing is missing, cast to `dtype`."""
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     tied = getattr(model.config, "tie_word_embeddings", False)
     held = tuple(n + "." for n, m in model.named_modules() if isinstance(m, QuantizedLinear))  # filled by `shell`
@@ -178,6 +176,8 @@ def finish(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> nn.Modul
         raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if tied:
         model.tie_weights()
+    if dtype is not None and dtype != saved:
+        cast_floats(model, dtype)
     return model
 
 
@@ -189,8 +189,7 @@ def shell(model: nn.Module, name: str, bits: int, group_size: int, symmetric: bo
 
     lin = model.get_submodule(name)
     q = QuantizedLinear(lin.in_features, lin.out_features, bits, group_size, symmetric, bias is not None, dtype)
-    qmin = quant.int_range(bits, symmetric)[0]
-    q.qweight = quant.pack((codes.to(torch.int64) - qmin).to(torch.uint8), bits)
+    q.qweight = quant.pack_codes(codes, bits, symmetric)
     q.scale = scale.float().contiguous()
     if zero is not None:
         q.zero_point = zero.float().contiguous()

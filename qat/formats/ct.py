@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from qat.formats import Linear, finish, linears, pack_rows, plain_tensors, shell, skeleton, unpack_rows, write
-from qat.modules import cast_floats
 
 FORMAT = "pack-quantized"
 
@@ -77,7 +76,7 @@ def load(path: Path, dtype: torch.dtype | None = None, attn: str = "sdpa") -> nn
     cfg = json.loads((path / "config.json").read_text())["quantization_config"]
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{path}: compressed-tensors format {cfg.get('format')!r}; this reader reads {FORMAT}")
-    model, saved, tensors = skeleton(path, dtype, attn)
+    model, saved, tensors = skeleton(path, attn)
     schemes = [([re.compile(t[3:]) if t.startswith("re:") else t for t in g["targets"]], g["weights"])
                for g in cfg["config_groups"].values()]  # fmt: skip
     for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
@@ -97,8 +96,5 @@ def load(path: Path, dtype: torch.dtype | None = None, attn: str = "sdpa") -> nn
         codes = u - (1 << (bits - 1)) if sym else u
         group = -1 if args.get("strategy") == "channel" else args["group_size"]
         shell(model, name, bits, group, sym, saved, codes, scale, zero, tensors.pop(f"{name}.bias", None))
-    model = finish(model, tensors, path)
-    if dtype is not None and dtype != saved:
-        cast_floats(model, dtype)
-    return model
+    return finish(model, tensors, path, saved, dtype)
 

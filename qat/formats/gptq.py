@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from qat.formats import finish, linears, pack_rows, plain_tensors, shell, skeleton, unpack_rows, write
-from qat.modules import cast_floats
 
 BITS = (2, 4, 8)
 
@@ -92,7 +91,7 @@ def load(path: Path, dtype: torch.dtype | None = None, attn: str = "sdpa") -> nn
     cfg = json.loads((path / "config.json").read_text())["quantization_config"]
     if cfg.get("checkpoint_format", "gptq") != "gptq":
         raise ValueError(f"{path}: GPTQ checkpoint_format {cfg['checkpoint_format']!r}; this reader reads gptq (v1)")
-    model, saved, tensors = skeleton(path, dtype, attn)
+    model, saved, tensors = skeleton(path, attn)
     for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         if f"{name}.qweight" not in tensors:
             continue
@@ -113,7 +112,4 @@ def load(path: Path, dtype: torch.dtype | None = None, attn: str = "sdpa") -> nn
         codes = u - (1 << (bits - 1)) if sym else u
         bias = tensors.pop(f"{name}.bias", None)
         shell(model, name, bits, group, sym, saved, codes, scale, None if sym else z, bias)
-    model = finish(model, tensors, path)
-    if dtype is not None and dtype != saved:
-        cast_floats(model, dtype)
-    return model
+    return finish(model, tensors, path, saved, dtype)
