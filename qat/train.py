@@ -51,7 +51,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qat import blockap, data, lora, objectives
+from qat import blockap, data, lora, objectives, sharding
 from qat.config import Recipe, RecipeError, exit_on_error, flatten, load_recipe, save_recipe
 from qat.export import save_artifact, size_report
 from qat.models import DTYPES, adapter, check_path, family_of
@@ -164,13 +164,15 @@ def _env_flag(name: str) -> bool:
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The run's Accelerator. CPU: DDP over gloo (cpu=True); DeepSpeed over gloo (cpu=False, gloo named); FSDP2
+    entered by hand, as accelerate only enters it on accelerators (qat/sharding.py)."""
     cuda = torch.cuda.is_available()
     deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
     mp = recipe.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     out = Path(recipe.out_dir)
-    return Accelerator(
+    accelerator = Accelerator(
         # CPU: DDP over gloo needs cpu=True; DeepSpeed on CPU needs gloo named explicitly and cpu=False.
         cpu=not cuda and not deepspeed,
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if not cuda and deepspeed else [],
@@ -182,6 +184,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if not cuda and _env_flag("ACCELERATE_USE_FSDP"):
+        sharding.enter_fsdp(accelerator)
+    return accelerator
 
 
 def learning_rate(recipe: Recipe, step: int) -> float:
@@ -289,15 +294,17 @@ def train(recipe: Recipe) -> Path:
     teacher = None
     block_ap = recipe.train.block_ap_steps > 0 and recipe.quant.enabled and find_resume(recipe) is None
     if (recipe.train.distills and recipe.train.kd_teacher == "frozen") or block_ap:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        # ZeRO-3 partitioned the model while loading it: a copy would share its partitions, so load it again
+        teacher = load_model(recipe)[0] if sharding.zero3(model) else copy.deepcopy(model)
+        teacher.eval().requires_grad_(False)
     val = None
     if recipe.train.eval_every:
         with accelerator.main_process_first():
             val = Validation.build(recipe, tokenizer)
-        with gathered(model):
+        with sharding.gathered(model):
             val.record("base", 0, val(model))
     # transformers partitions at load time under ZeRO-3: PTQ needs the full weights, and GPTQ/AWQ rewrite them
-    with gathered(model, modify=recipe.quant.calibrated):
+    with sharding.gathered(model, modify=recipe.quant.calibrated):
         ptq = quantize_model(model, tokenizer, recipe, progress=accelerator.is_local_main_process)
     if ptq.layers:
         say(ptq.summary())
@@ -305,13 +312,13 @@ def train(recipe: Recipe) -> Path:
             (out / "ptq.json").write_text(json.dumps(asdict(ptq), indent=1) + "\n")
     say(f"model: {recipe.model.path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
     if val is not None and recipe.quant.enabled:
-        with gathered(model):
+        with sharding.gathered(model):
             val.record("ptq", 0, val(model))
     if block_ap:  # a resumed run's checkpoint already holds its result
-        with gathered(model, modify=True), gathered(teacher):
+        with sharding.gathered(model, modify=True), sharding.gathered(teacher):
             say(reconstruct_blocks(recipe, model, teacher, tokenizer, accelerator.is_local_main_process))
         if val is not None:
-            with gathered(model):
+            with sharding.gathered(model):
                 say(f"validation after block-wise reconstruction: {val(model):.4f}")
     if not (recipe.train.distills and recipe.train.kd_teacher == "frozen"):
         teacher = None  # kept only for the reconstruction
@@ -374,11 +381,16 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
     )  # fmt: skip
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.scales_lr_ratio), lr=t.lr, betas=(0.9, 0.95))
+    if accelerator.distributed_type == DistributedType.FSDP and (n := sharding.uniform_dtype(model)):
+        say(f"fsdp: {n} parameters upcast to float32 (one dtype per shard unit; compute follows mixed precision)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the recipe, not the launch config, owns these
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = t.grad_clip
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    sharding.declare_quantizer_params(accelerator.unwrap_model(model))
     if teacher is not None:
-        teacher.to(accelerator.device)
+        teacher = sharding.shard_teacher(accelerator, teacher)
+        mine, total = sharding.held(teacher)
+        say(f"teacher: frozen, {mine / 1e6:.3f}M of its {total / 1e6:.3f}M parameters held by each process")
     state = TrainState()
     accelerator.register_for_checkpointing(state)
 
@@ -389,6 +401,10 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
         if before != world and accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise RecipeError(f"{ckpt} was written by {before} DeepSpeed processes; its partitioned optimizer state "
                               f"cannot be loaded by {world}: resume with {before} processes")  # fmt: skip
+        fsdp_ckpt = (ckpt / "pytorch_model_fsdp_0").is_dir()
+        if fsdp_ckpt != (accelerator.distributed_type == DistributedType.FSDP):  # FSDP itself reshards (DCP)
+            how = "launch/fsdp.yaml on 2 or more processes" if fsdp_ckpt else "the engine it was written with"
+            raise RecipeError(f"{ckpt} is {'an' if fsdp_ckpt else 'not an'} FSDP checkpoint: resume it with {how}")
         accelerator.load_state(str(ckpt))
         if state.batches < 0:  # an older checkpoint: written by this many processes
             state.batches = state.step * t.grad_accum * world
@@ -424,7 +440,7 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
         while state.step < stop_at:
             fq_on = state.step >= t.fake_quant_after
             if fq_on and state.step == t.fake_quant_after > 0:  # delayed fake quant switches on: fit the grids anew
-                with gathered(unwrapped, modify=True):
+                with sharding.gathered(unwrapped, modify=True):
                     n = rederive_scales(unwrapped)
                 if n:
                     say(f"step {state.step}: fake quant on; {n} grids re-derived from the trained weights")
@@ -470,7 +486,7 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
                 if grad_norm is not None:
                     logs["train/grad_norm"] = float(grad_norm)
                 if t.quant_stats and recipe.quant.enabled:
-                    with gathered(unwrapped):
+                    with sharding.gathered(unwrapped):
                         stats, prev_codes = quant_stats(unwrapped, prev_codes)
                     logs.update(stats)
                 accelerator.log(logs, step=state.step)
@@ -519,30 +535,12 @@ def compute_loss(recipe: Recipe, model, unwrapped, teacher, batch: dict, fq_on: 
     return loss, parts
 
 
-def partitioned(model: torch.nn.Module) -> bool:
-    """Whether DeepSpeed ZeRO-3 has partitioned the parameters (each then carries a `ds_id`)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-def gathered(model: torch.nn.Module, modify: bool = False):
-    """Full parameters outside forward when ZeRO-3 has partitioned them (on every rank); a no-op otherwise.
-    modify=True keeps in-place changes to the parameters (rank 0's, which every rank computed identically)."""
-    if partitioned(model):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0 if modify else None)
-    return nullcontext()
-
-
 def finish(recipe: Recipe, accelerator: Accelerator, model, tokenizer, bits: dict[str, int] | None = None) -> Path:
     """Convert and save `<out_dir>/final/` (main process), report its size."""
     final = Path(recipe.out_dir) / "final"
     accelerator.wait_for_everyone()
-    if partitioned(model):  # ZeRO-3 shards: gather a full state dict (collective) into a fresh CPU model
-        inner = accelerator.unwrap_model(model)  # also when never wrapped by an engine (train.steps=0)
-        with gathered(inner):
-            state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()} if (
-                accelerator.is_main_process) else {}  # fmt: skip
+    if sharding.sharded(accelerator.unwrap_model(model)):  # gather a full state dict into a fresh CPU model
+        state = sharding.full_state_dict(accelerator, model)
         if accelerator.is_main_process:
             from transformers.integrations import deepspeed as hf_ds
 

@@ -251,8 +251,18 @@ def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
 
 
+def _checkpoint_tensors(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one saved object: a torch.save file, or a torch.distributed.checkpoint directory (FSDP)."""
+    if path.is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(path, tmp / "converted.pt")
+        path = tmp / "converted.pt"
+    return _tensors(torch.load(path, map_location="cpu", weights_only=False))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("config", ["ddp", "zero2", "zero3", "fsdp"])
 def test_two_process_stop_and_resume_equals_straight_run_bitwise(tmp_path, config):
     """2 processes: stopping at step 2 and resuming reaches the straight run's weights and optimizer state, bit
     for bit, under DDP and DeepSpeed ZeRO-2/3."""
@@ -267,11 +277,108 @@ def test_two_process_stop_and_resume_equals_straight_run_bitwise(tmp_path, confi
     a, b = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ckpt = {r: tmp_path / r / "checkpoints" / "step_00000004" for r in ("a", "b")}
-    files = sorted(str(f.relative_to(ckpt["a"])) for f in ckpt["a"].rglob("*optim*"))
+    files = sorted(str(f.relative_to(ckpt["a"])) for f in ckpt["a"].glob("**/*optim*"))
     assert files, list(ckpt["a"].rglob("*"))
-    for f in files:  # the optimizer state (DeepSpeed: each rank's partition)
-        sa, sb = (_tensors(torch.load(ckpt[r] / f, map_location="cpu", weights_only=False)) for r in ("a", "b"))
+    for f in files:  # the optimizer state (DeepSpeed: each rank's partition; FSDP: a sharded checkpoint)
+        sa, sb = (_checkpoint_tensors(ckpt[r] / f, tmp_path / r) for r in ("a", "b"))
         assert sa.keys() == sb.keys() and sa and all(torch.equal(sa[k], sb[k]) for k in sa), f
+
+
+# Learned scales, a frozen teacher, validation: a second model, and parameters read outside the training forward.
+ENGINE_EXTRA = ("train.kd=0.5", "train.kd_teacher=frozen", "quant.scales=lsq", "train.eval_every=2")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    """The reference for the engines: one process, the same global batch (4 sequences) as 2 processes × 2."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    out = tmp_path_factory.mktemp("one")
+    train.main([*TINY, "train.steps=4", "train.save_every=1", "train.batch_size=4", f"out_dir={out}", *ENGINE_EXTRA])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["ddp", "zero2", "zero3", "fsdp"])
+def test_two_processes_train_like_one_process(tmp_path, config, one_process_run):
+    """2 processes × 2 sequences reach what 1 process × 4 reaches: the same losses step by step, the same
+    validation, the same artifact up to float reassociation (codes may flip only at rounding boundaries)."""
+    p = launch_any(tmp_path, f"launch/{config}.yaml", 2, *ENGINE_EXTRA)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    mine, total = (float(x) for x in p.stdout.split("teacher: frozen, ")[1].split("M parameters")[0].split("M of its "))
+    assert (mine < 0.6 * total) == (config in ("zero3", "fsdp")), (mine, total)  # the teacher is sharded
+    ref, got = (scalars(d / "logs")["train/loss"] for d in (one_process_run, tmp_path))
+    assert [s for s, _ in got] == [s for s, _ in ref] == [1, 2, 3, 4]
+    assert [v for _, v in got] == pytest.approx([v for _, v in ref], rel=1e-4)
+    import json
+
+    vr, vg = (json.loads((d / "validation.json").read_text()) for d in (one_process_run, tmp_path))
+    assert [s for s, _ in vg["curve"]] == [s for s, _ in vr["curve"]] == [2, 4]
+    assert [v for _, v in vg["curve"]] == pytest.approx([v for _, v in vr["curve"]], rel=1e-4)
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (one_process_run, tmp_path))
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("qweight"):
+            assert (a[k] == b[k]).float().mean() > 0.999, k
+        else:
+            assert (a[k].float() - b[k].float()).norm() <= 1e-3 * a[k].float().norm(), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero3", "fsdp"])
+def test_delayed_fake_quant_under_sharding(tmp_path, config):
+    """Fake quant switching on at step 1: the grids are re-derived from gathered weights and written back into
+    the shards (FSDP: the same losses as one process), and ZeRO-3's traced fetch order survives the learned
+    scales joining the forward (it used to stop with "tracing error")."""
+    extra = ("quant.scales=lsq", "train.fake_quant_after=1")
+    p = launch_any(tmp_path / "two", f"launch/{config}.yaml", 2, *extra)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "step 1: fake quant on; 14 grids re-derived" in p.stdout, p.stdout[-2000:]
+    if config == "fsdp":  # DeepSpeed's flat Adam also steps the scales at step 0 (zero gradients): another path
+        one = train.main([*TINY, "train.steps=4", "train.save_every=0", "train.batch_size=4",
+                          f"out_dir={tmp_path / 'one'}", *extra])  # fmt: skip
+        ref, got = (scalars(d / "logs")["train/loss"] for d in (one.parent, tmp_path / "two"))
+        assert [v for _, v in got] == pytest.approx([v for _, v in ref], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_shards_weights_and_learned_scales(tmp_path):
+    """Under FSDP2 every parameter, the quantizers' learned scales included, is saved by both processes, each
+    its own half (the checkpoint's chunks), and the final artifact still holds full tensors."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    p = launch_any(tmp_path, "launch/fsdp.yaml", 2, "quant.scales=lsq", "quant.symmetric=false")
+    assert p.returncode == 0 and "processes: 2 (FSDP)" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+    meta = FileSystemReader(str(tmp_path / "checkpoints" / "step_00000004" / "pytorch_model_fsdp_0")).read_metadata()
+    tensors = {k: v for k, v in meta.state_dict_metadata.items() if hasattr(v, "chunks")}
+    scales = [k for k in tensors if k.endswith(("weight_quantizer.scale", "weight_quantizer.zero_point"))]
+    assert len(scales) == 28, sorted(tensors)
+    for k in scales + [k for k in tensors if k.endswith("proj.weight")]:
+        chunks = tensors[k].chunks
+        assert len(chunks) == 2 and sum(c.sizes[0] for c in chunks) == tensors[k].size[0], k
+    model, _ = load(tmp_path / "final")
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_on_another_number_of_processes(tmp_path):
+    """FSDP's sharded checkpoint is re-sharded on load: the step-2 state of a 2-process run, loaded by 3 processes,
+    gives the artifact 2 processes give (train.steps=2: nothing left to train). One process cannot load it."""
+    first = launch_any(tmp_path / "run", "launch/fsdp.yaml", 2, "quant.scales=lsq", "train.stop_after=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    for n in (2, 3):
+        p = launch_any(tmp_path / str(n), "launch/fsdp.yaml", n, "quant.scales=lsq", f"train.resume={ckpt}",
+                       "train.steps=2")  # fmt: skip
+        assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+        assert (f"(written by 2 processes, now {n})" in p.stdout) == (n != 2), p.stdout[-2000:]
+    a, b = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("2", "3"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "1", "train.steps=4", "quant.scales=lsq", f"train.resume={ckpt}")
+    assert e.value.code == 2
 
 
 @pytest.mark.slow
