@@ -71,6 +71,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from qat.models.block_cache import MODES as CACHE_MODES
+from qat.models.block_cache import BlockCachePredictor
+from qat.models.lean import LeanDecoder
+
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 TokensHook = Callable[[int | None, Tensor, Tensor | None], Tensor]  # (step, x, logits) -> x
 LogitsHook = Callable[[int, Tensor, Tensor], Tensor]  # (step, x, logits) -> logits
@@ -95,9 +99,10 @@ def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
 
 def sample_tokens(
     logits: Tensor, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
-    variant: str = "maskgit_plus", generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """(confidence [N], token [N]) for logits [N, V]; `variant` picks the confidence (see the module docstring)."""
+    variant: str = "maskgit_plus", generator: torch.Generator | None = None, with_prob: bool = False,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """(confidence [N], token [N]) for logits [N, V]; `variant` picks the confidence (see the module docstring).
+    with_prob: also the chosen token's probability under the filtered, temperature-scaled distribution."""
     if temperature > 0:
         logits = logits / temperature
     if top_p is not None and top_p < 1:
@@ -114,29 +119,35 @@ def sample_tokens(
             confidence, x0 = probs.max(-1)
     else:
         confidence, x0 = probs.max(-1)
+    prob = confidence
     if variant == "topk_margin":
         top2 = probs.topk(2, dim=-1).values  # the same values as the reference's full sort
         confidence = top2[:, 0] - top2[:, 1]
     elif variant == "entropy":
         confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
-    return confidence, x0
+    return (confidence, x0, prob) if with_prob else (confidence, x0)
 
 
 class _Predictor:
-    """The right-shifted logits a step needs, with the shortcuts fast (reuse) and masked_head (head rows only)."""
+    """The right-shifted logits a step needs, with the shortcuts fast (reuse), masked_head (head rows only) and
+    lean (qat/models/lean.py: rotary once, the last layer and the head on the rows read, no logits copy)."""
 
-    def __init__(self, model, fast: bool, masked_head: bool, inputs: dict | None = None):
+    def __init__(self, model, fast: bool, masked_head: bool, inputs: dict | None = None, lean: bool = False):
         self.model, self.fast, self.inputs = model, fast, inputs or {}
         decoder = getattr(model, "get_decoder", lambda: None)()
         head = getattr(model, "get_output_embeddings", lambda: None)()
         self.split = (decoder, head) if masked_head and decoder is not None and head is not None else None
+        self.lean = LeanDecoder(model) if lean else None
+        self.rope: tuple[Tensor, Tensor] | None = None
         self.x: Tensor | None = None  # the input of the cached forward
         self.out: Tensor | None = None  # its shifted logits [B, L, V], or its hidden states when split
-        self.active: Tensor | None = None  # the positions of the cached head rows (split only)
+        self.active: Tensor | None = None  # the positions of the cached head rows (split and lean)
         self.rows: Tensor | None = None
 
     def __call__(self, x: Tensor, active: Tensor) -> tuple[Tensor | None, Tensor]:
-        """(full shifted logits or None when split, logits of the `active` positions [n_active, V])."""
+        """(full shifted logits or None when split or lean, logits of the `active` positions [n_active, V])."""
+        if self.lean is not None:
+            return None, self._lean(x, active)
         if not (self.fast and self.x is not None and torch.equal(x, self.x)):
             self.x, self.rows = x.clone(), None  # x is edited in place later: keep a copy to compare
             if self.split:
@@ -151,10 +162,27 @@ class _Predictor:
             self.rows, self.active = self.split[1](self.out[b, (j - 1).clamp_min(0)]), active.clone()
         return None, self.rows
 
+    def _lean(self, x: Tensor, active: Tensor) -> Tensor:
+        """Head rows of the active positions from the lean forward; reused while x and active are unchanged."""
+        if self.fast and self.x is not None and torch.equal(x, self.x) and torch.equal(active, self.active):
+            return self.rows
+        if self.rope is None:
+            positions = self.inputs.get("position_ids")
+            positions = torch.arange(x.shape[1], device=x.device)[None] if positions is None else positions
+            self.rope = self.lean.rope(positions, self.lean.embed.weight.dtype)
+        b, j = active.nonzero(as_tuple=True)  # row-major, the order of logits[active]
+        src = (j - 1).clamp_min(0)  # hidden j - 1 predicts token j (position 0 keeps its own)
+        read, where = torch.unique(src, return_inverse=True)  # the last layer's rows: any batch row reads them
+        mask = self.inputs.get("attention_mask")
+        hidden, _ = self.lean.forward(x, self.rope, rows=read, key_mask=None if mask is None else mask.bool())
+        self.x, self.active, self.rows = x.clone(), active.clone(), self.lean.head_logits(hidden[b, where])
+        return self.rows
+
 
 def _check(
     max_new_tokens: int, steps: int, alg: str, temperature: float, top_p: float | None, top_k: int | None,
-    alg_temp: float | None, eps: float, block_length: int | None, stop_at: int | None,
+    alg_temp: float | None, eps: float, block_length: int | None, stop_at: int | None, cache: str | None = None,
+    threshold: float | None = None,
 ) -> None:  # fmt: skip
     if alg not in ALGS:
         raise ValueError(f"alg={alg!r}: expected one of {', '.join(ALGS)}")
@@ -178,6 +206,16 @@ def _check(
         if steps % (max_new_tokens // block_length):
             raise ValueError(f"steps={steps} must be a multiple of the number of blocks "
                              f"{max_new_tokens // block_length} (max_new_tokens / block_length)")  # fmt: skip
+    if cache is not None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache={cache!r}: expected one of {', '.join(CACHE_MODES)}")
+        if block_length is None:
+            raise ValueError("cache needs block_length: the cache is refreshed at every block's start")
+    if threshold is not None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold={threshold} must be in (0, 1]")
+        if alg == "origin":
+            raise ValueError("threshold ranks positions by confidence: use maskgit_plus, topk_margin or entropy")
 
 
 @torch.inference_mode()
@@ -186,8 +224,9 @@ def diffusion_generate(
     temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, alg_temp: float | None = None,
     eps: float = 1e-3, mask_token_id: int | None = None, tokens_hook: TokensHook | None = None,
     logits_hook: LogitsHook | None = None, generator: torch.Generator | None = None, fast: bool = False,
-    masked_head: bool = False, return_history: bool = False, block_length: int | None = None,
-    stop_at: int | None = None, attention_mask: Tensor | None = None,
+    masked_head: bool = False, lean: bool = False, return_history: bool = False, block_length: int | None = None,
+    stop_at: int | None = None, attention_mask: Tensor | None = None, cache: str | None = None,
+    threshold: float | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:  # fmt: skip
     """Prompt + generated tokens [B, P + max_new_tokens] (and the x after every step if return_history).
 
@@ -200,7 +239,8 @@ def diffusion_generate(
     padding is hidden from attention and positions count from each row's first token, so a left-padded row
     generates exactly what the same prompt alone would (batch-size independent results)."""
     steps = max_new_tokens if steps is None else steps
-    _check(max_new_tokens, steps, alg, temperature, top_p, top_k, alg_temp, eps, block_length, stop_at)
+    _check(max_new_tokens, steps, alg, temperature, top_p, top_k, alg_temp, eps, block_length, stop_at, cache,
+           threshold)  # fmt: skip
     if input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(f"input_ids must be integer token ids [batch, prompt_len], got {tuple(input_ids.shape)}")
     mask_id = getattr(model.config, "mask_token_id", None) if mask_token_id is None else mask_token_id
@@ -218,7 +258,13 @@ def diffusion_generate(
     if tokens_hook is not None:
         x = tokens_hook(None, x, None)
     hooked = tokens_hook is not None or logits_hook is not None
-    predict = _Predictor(model, fast, masked_head=masked_head and not hooked, inputs=inputs)
+    if cache is not None:
+        if hooked:
+            raise ValueError("cache reads only the masked positions' logits: it takes no logits_hook or tokens_hook")
+        predict = BlockCachePredictor(model, cache, inputs)
+    else:
+        predict = _Predictor(model, fast, masked_head=masked_head and not hooked, inputs=inputs,
+                             lean=lean and not hooked)  # fmt: skip
     n_blocks = 1 if block_length is None else max_new_tokens // block_length
     block_steps, size = steps // n_blocks, max_new_tokens // n_blocks
     history, i = [], 0
@@ -226,10 +272,14 @@ def diffusion_generate(
         region = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
         region[P + block * size : P + (block + 1) * size] = True
         timesteps = torch.linspace(1, eps, block_steps + 1, device=x.device)
+        if cache is not None:
+            predict.start_block(P + block * size, P + (block + 1) * size)
         for step in range(block_steps):
             active = x == mask_id
             if block_length is not None:
                 active &= region  # the reference (one block) also fills mask ids inside the prompt
+            if threshold is not None and not active.any():
+                break  # parallel commits finished the block early
             logits, rows = predict(x, active)
             if fast and logits is not None and (logits_hook or tokens_hook):
                 logits = logits.clone()  # a hook may edit its logits in place: keep the reused copy clean
@@ -245,10 +295,21 @@ def diffusion_generate(
                 x0[transfer] = sample_tokens(rows[transfer], temperature, top_p, top_k, alg, generator)[1]
                 x[active] = x0
             else:
-                confidence, x0 = sample_tokens(rows, temperature, top_p, top_k, alg, generator)
+                confidence, x0, prob = sample_tokens(rows, temperature, top_p, top_k, alg, generator, with_prob=True)
                 n_mask = active.sum() / B  # float32 tensor; the float32 product below is truncated, as in the ref
                 k = int(n_mask) if last else int(n_mask * (1 - s / t))
-                if k > 0:
+                if threshold is not None:  # the schedule's k, plus every position as sure as the threshold
+                    sure = torch.zeros_like(active)
+                    sure[active] = prob >= threshold
+                    k = max(k, 1)  # at least one commit per forward
+                    full_conf = torch.full_like(x, -torch.inf, dtype=rows.dtype)
+                    full_conf[active] = confidence
+                    idx = full_conf.topk(min(k, x.shape[1]), dim=-1).indices
+                    commit = sure.scatter(1, idx, True) & active
+                    candidates = torch.full_like(x, mask_id)
+                    candidates[active] = x0
+                    x[commit] = candidates[commit]
+                elif k > 0:
                     full_conf = torch.full_like(x, -torch.inf, dtype=rows.dtype)
                     full_conf[active] = confidence
                     if alg_temp:  # None or 0 → deterministic top-k
