@@ -39,8 +39,9 @@ cell needs, so committing the `result.json` files carries a study over to anothe
 definition) and `pareto.png` (held-out metric vs weights-file size, one panel per family).
 
 Latency (`latency_rounds`, 0 = off): after the last cell, every cell's artifact is timed in one pass, under the
-same conditions (qat/latency.py): one generation step per model — a decode step with a 128-token KV cache for
-Qwen3, a denoising step over a 256-token window for CoDA — with the inference modules' automatic kernel choice
+same conditions (qat/latency.py), per generated token: a decode step with a 128-token KV cache for Qwen3, a
+32-token generation by the reference sampler (one token per step) divided by 32 for CoDA — with the inference
+modules' automatic kernel choice
 (qat/kernels.py), `latency_rounds` interleaved rounds over the cells of a recipe (at most `latency_models`
 loaded at once), median and range, labelled with the device, dtype and the paths the quantized linears took.
 """
@@ -180,13 +181,15 @@ def time_cells(rows: list[dict], out: Path, cfg: AblateConfig) -> None:
         todo = [r for r in rows if r["recipe"] == recipe and (out / recipe / r["cell"] / "final").is_dir()]
         for start in range(0, len(todo), cfg.latency_models):
             chunk, steps, what, models = todo[start : start + cfg.latency_models], {}, {}, {}
+            tokens = {}
             for r in chunk:
                 models[r["cell"]] = load(out / recipe / r["cell"] / "final")[0]
-                steps[r["cell"]], what[r["cell"]] = latency.step(models[r["cell"]], r["family"])
+                steps[r["cell"]], what[r["cell"]], tokens[r["cell"]] = latency.step(models[r["cell"]], r["family"])
             timings = latency.interleaved(steps, rounds=cfg.latency_rounds)
             for r in chunk:
-                t = timings[r["cell"]]
-                r.update(latency_ms=round(t.median_ms, 3), latency_range=[round(t.min_ms, 3), round(t.max_ms, 3)],
+                t, n = timings[r["cell"]], tokens[r["cell"]]  # per generated token
+                r.update(latency_ms=round(t.median_ms / n, 3), latency_range=[round(t.min_ms / n, 3),
+                                                                              round(t.max_ms / n, 3)],
                          latency_step=what[r["cell"]], latency_path=latency.label(models[r["cell"]]))
                 (out / recipe / r["cell"] / "result.json").write_text(json.dumps(r) + "\n")
             del models, steps
@@ -379,7 +382,7 @@ def report(rows: list[dict], out: Path) -> str:
     lines = summarize(rows)
     corp = rows[0].get("corpora", {}) if rows else {}
     head = "| family | method | bits | grid | n | " + " | ".join(f"{k} | Δ {k} | rec. {k}" for k in keys)
-    md = ["# PTQ vs QAT", "", head + " | MiB | ms/step | path | best PTQ |",
+    md = ["# PTQ vs QAT", "", head + " | MiB | ms/token | path | best PTQ |",
           "|---|---|---:|---|---:|" + "---:|---:|---:|" * len(keys) + "---:|---:|---|---|"]
     for ln in lines:
         cols = []
@@ -405,7 +408,7 @@ def report(rows: list[dict], out: Path) -> str:
     if timed:
         steps = "; ".join(f"{fam}: {s}" for fam, s in dict.fromkeys((r["family"], r["latency_step"]) for r in timed))
         devices = ", ".join(dict.fromkeys(r["latency_path"].split(",")[0] for r in timed))
-        md += [f"ms/step: one generation step per model ({steps}), median of the interleaved rounds of one pass over "
+        md += [f"ms/token: latency per generated token ({steps}), median of the interleaved rounds of one pass over "
                f"every cell after the last one ({devices}); *path*: the kernels the quantized linears took "
                "(qat/kernels.py: int4/int8 where measured faster, else the dequantized weight, `dense`).", ""]
     text = "\n".join(md)

@@ -3,6 +3,7 @@
     python -m eval.run checkpoint=DIR [tasks=[humaneval,mbpp]] [format=auto] [n=1] [temperature=0.0] [limit=0]
                        [max_new_tokens=512] [batch_size=8] [out=DIR] [tb=LOGDIR] [step=0] [paths.humaneval=FILE]
                        [paths.mbpp=FILE]                              # diffusion: steps=, alg=, alg_temp=, top_p=
+                       [sampler.lean=true] [sampler.block_length=32 sampler.cache=dual sampler.threshold=0.9]
     python -m eval.run rescore=DIR                                     # re-execute DIR/samples.jsonl, re-score
 
 Generation. Any artifact or released checkpoint (`qat.models.load`): the family decides the generator.
@@ -12,7 +13,9 @@ Generation. Any artifact or released checkpoint (`qat.models.load`): the family 
             entropy); left padding is hidden from attention (`attention_mask`, positions from each prompt's
             first token), so a completion does not depend on the batch it was generated in, as the reference
             harness's do (it generates one prompt at a time); the answer is cut at the first <|im_end|>, pad and
-            mask ids dropped, then cut at the stop strings
+            mask ids dropped, then cut at the stop strings. `sampler.*` picks the sampler's mode: by default the
+            reference algorithm through the lean forward; block_length/cache/threshold are Fast-dLLM-style
+            approximations, recorded with the result (`summary.json`: `sampler`, with `reference: false`)
 Prompt formats (eval/tasks.py): `instruct` (CoDA's chat prompt with its gen_prefix, used for both families for a
 fair comparison) or `completion` (the raw prompt, for base models); `auto` = instruct when the tokenizer has a
 chat template. Every result records the format.
@@ -49,6 +52,25 @@ from qat.config import RecipeError, exit_on_error, parse_cli  # noqa: E402
 
 
 @dataclass
+class SamplerConfig:
+    """How the diffusion sampler runs (qat/models/sampler.py). The defaults are the reference algorithm; every
+    result records these keys, and `reference` says whether its tokens are the reference algorithm's."""
+
+    lean: bool = True  # the same algorithm through the lean forward: the reference tokens up to last-bit rounding
+    block_length: int = 0  # > 0: semi-autoregressive blocks (NOT the reference)
+    cache: str = ""  # prefix | dual: block-wise approximate KV cache, needs block_length (NOT the reference)
+    threshold: float = 0.0  # > 0: also commit every position whose token has this probability (NOT the reference)
+
+    @property
+    def reference(self) -> bool:
+        return not (self.block_length or self.cache or self.threshold)
+
+    def kwargs(self) -> dict:
+        return dict(lean=self.lean, fast=True, block_length=self.block_length or None, cache=self.cache or None,
+                    threshold=self.threshold or None)  # fmt: skip
+
+
+@dataclass
 class EvalConfig:
     checkpoint: str = ""
     rescore: str = ""  # a previous `out` directory: re-execute its samples.jsonl instead of generating
@@ -65,6 +87,7 @@ class EvalConfig:
     steps: int = 0  # diffusion steps (0 = max_new_tokens: one token per step, as CoDA's evaluation)
     alg: str = "entropy"
     alg_temp: float = 0.0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     seed: int = 0
     memory_mb: int = 2048
     workers: int = 2
@@ -136,7 +159,7 @@ def generate(model, tok, prompts: list[str], stops: list[str], cfg: EvalConfig,
         out = diffusion_generate(
             model, enc.input_ids, max_new_tokens=cfg.max_new_tokens, steps=cfg.steps or cfg.max_new_tokens,
             alg=cfg.alg, temperature=cfg.temperature, top_p=cfg.top_p if cfg.top_p < 1 else None,
-            alg_temp=cfg.alg_temp or None, generator=gen, fast=True, attention_mask=enc.attention_mask,
+            alg_temp=cfg.alg_temp or None, generator=gen, attention_mask=enc.attention_mask, **cfg.sampler.kwargs(),
         )  # fmt: skip
     else:
         sample = cfg.temperature > 0
@@ -243,6 +266,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     extra = {"checkpoint": cfg.checkpoint, "family": family, "format": fmt,
              "quantization": json.loads(quant.read_text()).get("quant") if quant.is_file() else None,
              "config": asdict(cfg)}  # fmt: skip
+    if family == "coda":
+        extra["sampler"] = {"steps": cfg.steps or cfg.max_new_tokens, "alg": cfg.alg, **asdict(cfg.sampler),
+                            "reference": cfg.sampler.reference}  # fmt: skip
     with sandbox.Sandbox(workers=cfg.workers, memory_mb=cfg.memory_mb) as box:
         for task, problems in _load_problems(cfg).items():
             limits = time_limits(problems, box)

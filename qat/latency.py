@@ -1,8 +1,9 @@
 """Measuring inference latency so that numbers from different models can be compared.
 
-One step is what generation repeats: for an autoregressive model one decode step (one new token attending to a
-KV cache of `context` tokens; the cache is cropped back before every call, so each call does the same work), for
-a diffusion model one denoising step (a full bidirectional forward over a `window`-token sequence).
+Latency per generated token: for an autoregressive model one decode step (one new token attending to a KV cache
+of `context` tokens; the cache is cropped back before every call, so each call does the same work); for a
+diffusion model a whole short generation by the reference sampler at one token per step (`diffusion_tokens`,
+what eval.run runs) divided by its tokens, sampler work included. `denoise_step` times a single bare forward.
 
 `interleaved` times several such callables the way the benchmarks do: a warm-up call each, then `rounds` rounds
 that each call every candidate once, in an order rotated every round, so slow drifts of a shared machine (other
@@ -88,11 +89,28 @@ def denoise_step(model: nn.Module, window: int = 256, seed: int = 0) -> Callable
     return step
 
 
-def step(model: nn.Module, family: str) -> tuple[Callable[[], object], str]:
-    """(the family's generation step, what it is)."""
+def diffusion_tokens(model: nn.Module, prompt: int = 96, new: int = 32, seed: int = 0) -> Callable[[], object]:
+    """`new` tokens generated after a `prompt`-token prompt by the reference sampler (steps = tokens, entropy, the
+    lean forward: what eval.run runs), so that time / new is the latency per generated token."""
+    from qat.models.sampler import diffusion_generate
+
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt), generator=gen).to(device)
+
+    def run():
+        return diffusion_generate(model, ids, max_new_tokens=new, steps=new, alg="entropy", lean=True, fast=True)
+
+    return run
+
+
+def step(model: nn.Module, family: str) -> tuple[Callable[[], object], str, int]:
+    """(a callable, what it is, how many tokens one call generates): for Qwen3 one decode step, for CoDA a short
+    generation with the reference sampler; time / tokens is the latency per generated token of either family."""
     if family == "coda":
-        return denoise_step(model), "denoising step, 256-token window"
-    return decode_step(model), "decode step, 128-token context"
+        return diffusion_tokens(model), "32 tokens in 32 denoising steps after a 96-token prompt", 32
+    return decode_step(model), "decode step, 128-token context", 1
 
 
 def label(model: nn.Module) -> str:

@@ -163,3 +163,17 @@ def test_repeated_diffusion_samples_differ(tmp_path, data_paths):
           "temperature=1.0", "batch_size=1", "max_new_tokens=8", f"out={tmp_path}"])  # fmt: skip
     completions = [json.loads(x)["completion"] for x in (tmp_path / "samples.jsonl").open()]
     assert len(completions) == 3 and len(set(completions)) > 1
+
+
+def test_run_records_the_sampler_and_whether_it_is_the_reference(tmp_path, data_paths):
+    from eval.run import main
+
+    common = [f"checkpoint={ROOT / 'checkpoints/micro-coda'}", *data_paths, "tasks=[humaneval]", "limit=1",
+              "max_new_tokens=8"]  # fmt: skip
+    ref = main([*common, f"out={tmp_path / 'ref'}"])
+    assert ref["sampler"] == {"steps": 8, "alg": "entropy", "lean": True, "block_length": 0, "cache": "",
+                              "threshold": 0.0, "reference": True}  # fmt: skip
+    cached = main([*common, "sampler.block_length=4", "sampler.cache=dual", "sampler.threshold=0.9",
+                   f"out={tmp_path / 'cached'}"])  # fmt: skip
+    assert cached["sampler"]["cache"] == "dual" and cached["sampler"]["reference"] is False
+    assert json.loads((tmp_path / "cached" / "summary.json").read_text())["sampler"] == cached["sampler"]

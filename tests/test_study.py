@@ -227,8 +227,10 @@ def test_trainer_validation_start_every_end(tmp_path, capsys, _fresh_accelerate_
 # ------------------------------------------------------------------------------------------------ generation
 
 
-def test_batched_diffusion_generation_equals_one_at_a_time():
-    """Ragged prompts left-padded in one batch give the tokens each prompt gives alone (greedy)."""
+@pytest.mark.parametrize("lean", [False, True])
+def test_batched_diffusion_generation_equals_one_at_a_time(lean):
+    """Ragged prompts left-padded in one batch give the tokens each prompt gives alone (greedy), also through the
+    lean forward (eval.run's default)."""
     from qat.models import load
     from qat.models.sampler import diffusion_generate
 
@@ -237,7 +239,7 @@ def test_batched_diffusion_generation_equals_one_at_a_time():
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert len(set(enc.attention_mask.sum(1).tolist())) == 3  # really ragged
-    kw = dict(max_new_tokens=12, steps=12, alg="entropy")
+    kw = dict(max_new_tokens=12, steps=12, alg="entropy", lean=lean)
     batched = diffusion_generate(model, enc.input_ids, attention_mask=enc.attention_mask, **kw)
     P = enc.input_ids.shape[1]
     for i, p in enumerate(prompts):

@@ -64,21 +64,22 @@ class LeanDecoder:
         self.head_dim = self.layers[0].self_attn.head_dim
         self.pack = pack and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
         self._packs: dict[int, tuple[Tensor, int]] = {}  # id(linear) -> (MKL-packed weight, rows it was packed for)
-        self._seen: set[tuple[int, int]] = set()
+        self._seen: dict[tuple[int, int], int] = {}  # (id(linear), rows) -> calls
 
     def linear(self, module: nn.Module, x: Tensor) -> Tensor:
         """module(x). A float32 nn.Linear on CPU goes through MKL's sgemm on a weight packed once: a plain call
         re-packs the weight every time, which costs 20-30 % at these shapes (LOG.md). A pack serves one number of
-        rows (other counts take the plain path), so a layer is packed for the first row count it meets twice: the
-        full sequence in exact decoding, the window in cached decoding. Costs a second copy of those weights for
-        the decoder's lifetime (one generation). Fake-quant, integer, bf16 and GPU linears are called as they are."""
+        rows (other counts take the plain path), so a layer is packed for the first row count it meets a third
+        time: the full sequence in exact decoding, the window in cached decoding, never the ever-shrinking rows of
+        the last layer and the head. Costs a second copy of those weights for the decoder's lifetime (one
+        generation). Fake-quant, integer, bf16 and GPU linears are called as they are."""
         w = getattr(module, "weight", None)
         if not (self.pack and type(module) is nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu"):
             return module(x)
         rows, key = x.numel() // x.shape[-1], id(module)
         if key not in self._packs:
-            if (key, rows) not in self._seen:
-                self._seen.add((key, rows))
+            self._seen[key, rows] = self._seen.get((key, rows), 0) + 1
+            if self._seen[key, rows] < 3:
                 return module(x)
             self._packs[key] = (torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows)
         packed, batch = self._packs[key]
@@ -88,7 +89,7 @@ class LeanDecoder:
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         """The LM head on (normed) hidden states [..., H]."""
-        return self.linear(self.head, hidden)
+        return self.head(hidden)  # its rows shrink step by step: packing would not pay
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(cos, sin) [B or 1, n, head_dim] for integer positions [B or 1, n]: transformers' own computation."""
