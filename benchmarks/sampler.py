@@ -8,6 +8,8 @@ Modes, all with alg="entropy", temperature 0, steps = new tokens (CoDA's evaluat
     fast     fast=True: reuses a step's forward when it committed nothing (bitwise the reference)
     lean     lean=True, fast=True: the same algorithm through qat/models/lean.py (rotary once, the last layer and
              the head only on the rows read, packed float32 weights); the reference's tokens up to last-bit rounding
+    draft    draft=4: lossless draft-and-verify (qat/models/speculative.py), each forward verifies up to 4 steps
+             drafted from one step's logits; the reference's tokens; a GPU gain, a CPU loss (4 sequences a forward)
     block    block_length 32 (semi-autoregressive), lean forward. NOT the reference
     prefix   block 32 + prefix KV cache (qat/models/block_cache.py). NOT the reference
     dual     block 32 + dual KV cache. NOT the reference
@@ -54,12 +56,13 @@ MODES = {
     "exact": {},
     "fast": dict(fast=True),
     "lean": dict(fast=True, lean=True),
+    "draft": dict(draft=4),
     "block": dict(lean=True, block_length=32),
     "prefix": dict(block_length=32, cache="prefix"),
     "dual": dict(block_length=32, cache="dual"),
     "dual+t": dict(block_length=32, cache="dual", threshold=0.9),
 }
-REFERENCE = {"exact", "fast", "lean"}
+REFERENCE = {"exact", "fast", "lean", "draft"}
 
 
 def build(shape: dict[str, int]) -> torch.nn.Module:

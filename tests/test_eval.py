@@ -142,9 +142,9 @@ def test_ablate_end_to_end_both_families(tmp_path):
     assert (out / "pareto.png").stat().st_size > 1000
     # the latency pass: every cell timed at the end, its step and path named
     assert all(r["latency_ms"] > 0 and r["latency_range"][0] <= r["latency_ms"] <= r["latency_range"][1] for r in rows)
-    assert {r["family"]: r["latency_step"].split(",")[0] for r in rows} == {"qwen3": "decode step",
-                                                                            "coda": "denoising step"}  # fmt: skip
-    assert all(r["latency_path"].startswith("cpu float32, ") for r in rows) and "ms/step" in report
+    assert {r["family"]: r["latency_step"].split(",")[0] for r in rows} == {
+        "qwen3": "decode step", "coda": "32 tokens in 32 denoising steps after a 96-token prompt"}  # per token
+    assert all(r["latency_path"].startswith("cpu float32, ") for r in rows) and "ms/token" in report
     again = main(args)  # every cell is skipped (and timed again, all under the same conditions)
     timing = ("latency_ms", "latency_range")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731

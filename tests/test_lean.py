@@ -167,3 +167,34 @@ def test_quantized_models_run_in_every_mode(model, monkeypatch):
 def test_invalid_cache_arguments(model, kw):
     with pytest.raises(ValueError):
         diffusion_generate(model, prompt(), max_new_tokens=8, **{"alg": "entropy", **kw})
+
+
+@pytest.mark.parametrize("alg", DETERMINISTIC)
+@pytest.mark.parametrize("steps,draft", [(10, 2), (10, 4), (5, 3), (20, 4)])
+def test_draft_and_verify_gives_the_reference_tokens(model, alg, steps, draft):
+    ids = prompt(2, 6, seed=10)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kw = dict(max_new_tokens=10, steps=steps, alg=alg, attention_mask=mask)
+    assert torch.equal(diffusion_generate(model, ids, draft=draft, **kw), diffusion_generate(model, ids, **kw))
+
+
+def test_draft_and_verify_advances_several_steps_per_forward_when_drafts_are_right():
+    """A model whose predictions do not depend on x: every draft is right, so each forward verifies `draft`
+    steps (1 forward for the start, then one per round)."""
+    from qat.models import speculative
+    from tests.test_sampler import Table, table_of
+
+    table = table_of(*[[0.1 * (i + 1), 0.2] for i in range(8)])  # 8 answer positions, distinct confidences
+    x = torch.nn.functional.pad(torch.zeros(1, 1, dtype=torch.long), (0, 8), value=table.shape[-1] - 1)
+    kw = dict(steps=8, mask_id=table.shape[-1] - 1, alg="maskgit_plus", top_p=None, top_k=None, eps=1e-3)
+    out, forwards = speculative.generate(Table(table), x.clone(), draft=4, **kw)
+    ref = diffusion_generate(Table(table), x[:, :1], max_new_tokens=8, steps=8, alg="maskgit_plus")
+    assert torch.equal(out, ref) and forwards == 1 + 2  # steps 0-3 and 4-7 verified in one forward each
+    assert speculative.generate(Table(table), x.clone(), draft=1, **kw)[1] == 8  # no drafting: one per step
+
+
+def test_draft_refuses_what_it_cannot_do_losslessly(model):
+    for kw in (dict(temperature=0.5), dict(alg="origin"), dict(block_length=4), dict(draft=1)):
+        with pytest.raises(ValueError):
+            diffusion_generate(model, prompt(), max_new_tokens=8, **{"alg": "entropy", "draft": 3, **kw})

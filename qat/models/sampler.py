@@ -128,6 +128,27 @@ def sample_tokens(
     return (confidence, x0, prob) if with_prob else (confidence, x0)
 
 
+def commit_count(active: Tensor, t: Tensor, s: Tensor, last: bool) -> int:
+    """k of the reference: the masks averaged over the batch (a float32 tensor) times 1 − s/t, truncated."""
+    n_mask = active.sum() / active.shape[0]
+    return int(n_mask) if last else int(n_mask * (1 - s / t))
+
+
+def commit_top(x: Tensor, active: Tensor, confidence: Tensor, x0: Tensor, k: int, mask_id: int,
+               alg_temp: float | None = None, generator: torch.Generator | None = None) -> None:  # fmt: skip
+    """Commit in place, per row, the k active positions of highest confidence (drawn from softmax(confidence /
+    alg_temp) when alg_temp > 0) to their tokens x0 (given in the row-major order of x[active])."""
+    full_conf = torch.full_like(x, -torch.inf, dtype=confidence.dtype)
+    full_conf[active] = confidence
+    if alg_temp:  # None or 0 → deterministic top-k
+        idx = torch.multinomial((full_conf / alg_temp).softmax(-1), k, generator=generator)
+    else:
+        idx = full_conf.topk(k, dim=-1).indices
+    candidates = torch.full_like(x, mask_id)
+    candidates[active] = x0
+    x.scatter_(1, idx, candidates.gather(1, idx))
+
+
 class _Predictor:
     """The right-shifted logits a step needs, with the shortcuts fast (reuse), masked_head (head rows only) and
     lean (qat/models/lean.py: rotary once, the last layer and the head on the rows read, no logits copy)."""
@@ -226,7 +247,7 @@ def diffusion_generate(
     logits_hook: LogitsHook | None = None, generator: torch.Generator | None = None, fast: bool = False,
     masked_head: bool = False, lean: bool = False, return_history: bool = False, block_length: int | None = None,
     stop_at: int | None = None, attention_mask: Tensor | None = None, cache: str | None = None,
-    threshold: float | None = None,
+    threshold: float | None = None, draft: int = 0,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:  # fmt: skip
     """Prompt + generated tokens [B, P + max_new_tokens] (and the x after every step if return_history).
 
@@ -255,6 +276,16 @@ def diffusion_generate(
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {(B, P)}")
         full = torch.nn.functional.pad(attention_mask.to(x.device, torch.long), (0, max_new_tokens), value=1)
         inputs = {"attention_mask": full, "position_ids": (full.cumsum(1) - 1).clamp_min(0)}
+    if draft:
+        if draft < 2 or temperature or alg_temp or alg == "origin" or tokens_hook or logits_hook or return_history \
+                or block_length or cache or threshold:  # fmt: skip
+            raise ValueError("draft >= 2 (lossless draft-and-verify, qat/models/speculative.py) needs temperature 0, "
+                             "maskgit_plus/topk_margin/entropy without alg_temp, one block, no cache, threshold, "
+                             "hooks or history")  # fmt: skip
+        from qat.models import speculative
+
+        return speculative.generate(model, x, steps=steps, mask_id=mask_id, alg=alg, top_p=top_p, top_k=top_k,
+                                    eps=eps, draft=draft, inputs=inputs)[0]  # fmt: skip
     if tokens_hook is not None:
         x = tokens_hook(None, x, None)
     hooked = tokens_hook is not None or logits_hook is not None
@@ -296,8 +327,7 @@ def diffusion_generate(
                 x[active] = x0
             else:
                 confidence, x0, prob = sample_tokens(rows, temperature, top_p, top_k, alg, generator, with_prob=True)
-                n_mask = active.sum() / B  # float32 tensor; the float32 product below is truncated, as in the ref
-                k = int(n_mask) if last else int(n_mask * (1 - s / t))
+                k = commit_count(active, t, s, last)
                 if threshold is not None:  # the schedule's k, plus every position as sure as the threshold
                     sure = torch.zeros_like(active)
                     sure[active] = prob >= threshold
@@ -310,15 +340,7 @@ def diffusion_generate(
                     candidates[active] = x0
                     x[commit] = candidates[commit]
                 elif k > 0:
-                    full_conf = torch.full_like(x, -torch.inf, dtype=rows.dtype)
-                    full_conf[active] = confidence
-                    if alg_temp:  # None or 0 → deterministic top-k
-                        idx = torch.multinomial((full_conf / alg_temp).softmax(-1), k, generator=generator)
-                    else:
-                        idx = full_conf.topk(k, dim=-1).indices
-                    candidates = torch.full_like(x, mask_id)
-                    candidates[active] = x0
-                    x.scatter_(1, idx, candidates.gather(1, idx))
+                    commit_top(x, active, confidence, x0, k, mask_id, alg_temp, generator)
             if tokens_hook is not None:
                 x = tokens_hook(i, x, logits)
             if return_history:
