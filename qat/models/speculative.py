@@ -31,6 +31,7 @@ from torch import Tensor
 from qat.models import sampler as S
 
 
+@torch.inference_mode()
 def generate(model, x: Tensor, *, steps: int, mask_id: int, alg: str, top_p: float | None, top_k: int | None,
              eps: float, draft: int, inputs: dict | None = None) -> tuple[Tensor, int]:  # fmt: skip
     """(x after `steps` reference steps, forwards run) for the masked sequence x [B, L] (module docstring)."""
