@@ -84,17 +84,7 @@ def test_window_over_fresh_context_equals_the_full_forward(model, padded):
 
 def one_layer() -> torch.nn.Module:
     """One layer: its keys and values depend on each position's own token only, so the block cache is exact."""
-    from qat.models.coda import CoDAConfig, CoDAForMaskedDiffusion
-    from qat.models.tiny import TINY_SIZES
-
-    torch.manual_seed(6)
-    sizes = {**TINY_SIZES, "num_hidden_layers": 1, "max_window_layers": 1}
-    config = CoDAConfig(vocab_size=260, **sizes, pad_token_id=256, bos_token_id=256, eos_token_id=258,
-                        mask_token_id=MASK)  # fmt: skip
-    m = CoDAForMaskedDiffusion(config).eval()
-    with torch.no_grad():
-        m.lm_head.weight[MASK] = 0
-    return m
+    return bidirectional(6, num_hidden_layers=1, max_window_layers=1)
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

@@ -18,12 +18,12 @@ MASK = 259
 DETERMINISTIC = ["maskgit_plus", "topk_margin", "entropy"]
 
 
-def bidirectional(seed: int = 0) -> nn.Module:
+def bidirectional(seed: int = 0, **sizes) -> nn.Module:
     """A tiny random CoDA (qat.models.coda) with mask id 259 whose head row is zero, so that a random head never
-    prefers committing the mask id (a trained CoDA never does either)."""
+    prefers committing the mask id (a trained CoDA never does either). `sizes` override TINY_SIZES."""
     torch.manual_seed(seed)
-    config = CoDAConfig(vocab_size=260, **TINY_SIZES, pad_token_id=256, bos_token_id=256, eos_token_id=258,
-                        mask_token_id=MASK)  # fmt: skip
+    config = CoDAConfig(vocab_size=260, **{**TINY_SIZES, **sizes}, pad_token_id=256, bos_token_id=256,
+                        eos_token_id=258, mask_token_id=MASK)  # fmt: skip
     m = CoDAForMaskedDiffusion(config).eval()
     with torch.no_grad():
         m.lm_head.weight[MASK] = 0

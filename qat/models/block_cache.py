@@ -55,28 +55,24 @@ class BlockCachePredictor:
     def __call__(self, x: Tensor, active: Tensor) -> tuple[None, Tensor]:
         L = x.shape[1]
         if self.rope is None:
-            positions = self.inputs.get("position_ids")
-            positions = torch.arange(L, device=x.device)[None] if positions is None else positions
-            self.rope = self.lean.rope(positions, self.lean.embed.weight.dtype)
+            self.rope = self.lean.sequence_rope(L, self.inputs.get("position_ids"))
         mask = self.inputs.get("attention_mask")
         mask = None if mask is None else mask.bool()
         b, j = active.nonzero(as_tuple=True)
         s, e = self.span
         if self.context is None:  # the block's first step: everything, exactly; keep the K/V of what stays outside
-            read, where = torch.unique((j - 1).clamp_min(0), return_inverse=True)
-            hidden, kv = self.lean.forward(x, self.rope, rows=read, key_mask=mask, keep_kv=True)
+            logits, kv = self.lean.read_logits(x, self.rope, b, j, key_mask=mask, keep_kv=True)
             end = e if self.mode == "dual" else L
             self.outside = torch.cat([torch.arange(0, s - 1), torch.arange(end, L)]).to(x.device)
             self.context = kv.select(self.outside)
             self.forwards["full"] += 1
-            return None, self.lean.head_logits(hidden[b, where])
+            return None, logits
         w0, w1 = s - 1, (e if self.mode == "dual" else L)
-        read, where = torch.unique(j - 1 - w0, return_inverse=True)  # window coordinates
         cos, sin = self.rope
-        hidden, _ = self.lean.forward(
-            x[:, w0:w1], (cos[:, w0:w1], sin[:, w0:w1]), rows=read, context=self.context,
+        logits, _ = self.lean.read_logits(
+            x[:, w0:w1], (cos[:, w0:w1], sin[:, w0:w1]), b, j, start=w0, context=self.context,
             context_mask=None if mask is None else mask[:, self.outside],
             key_mask=None if mask is None else mask[:, w0:w1],
         )  # fmt: skip
         self.forwards["window"] += 1
-        return None, self.lean.head_logits(hidden[b, where])
+        return None, logits

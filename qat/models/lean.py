@@ -96,6 +96,21 @@ class LeanDecoder:
         probe = torch.empty(0, dtype=dtype, device=positions.device)
         return self.rotary(probe, positions)
 
+    def sequence_rope(self, length: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`rope` of a whole sequence in the model's dtype: `positions` [B, L] (left padding), else 0..L−1."""
+        device = self.embed.weight.device
+        positions = torch.arange(length, device=device)[None] if positions is None else positions
+        return self.rope(positions, self.embed.weight.dtype)
+
+    def read_logits(self, ids: Tensor, rope: tuple[Tensor, Tensor], b: Tensor, j: Tensor, start: int = 0,
+                    **kw) -> tuple[Tensor, KV | None]:  # fmt: skip
+        """(logits [len(j), V] of positions (b, j), this window's K/V if kw asks): the window `ids` begins at
+        sequence position `start`; hidden state j − 1 predicts token j (position 0 reads its own), so the last
+        layer runs only on the rows some (b, j) reads, in any batch row. kw: `forward`'s."""
+        read, where = torch.unique((j - 1 - start).clamp_min(0), return_inverse=True)
+        hidden, kv = self.forward(ids, rope, rows=read, **kw)
+        return self.head_logits(hidden[b, where]), kv
+
     def forward(self, ids: Tensor, rope: tuple[Tensor, Tensor], *, rows: Tensor | None = None,
                 context: KV | None = None, context_mask: Tensor | None = None, key_mask: Tensor | None = None,
                 keep_kv: bool = False) -> tuple[Tensor, KV | None]:  # fmt: skip

@@ -188,15 +188,11 @@ class _Predictor:
         if self.fast and self.x is not None and torch.equal(x, self.x) and torch.equal(active, self.active):
             return self.rows
         if self.rope is None:
-            positions = self.inputs.get("position_ids")
-            positions = torch.arange(x.shape[1], device=x.device)[None] if positions is None else positions
-            self.rope = self.lean.rope(positions, self.lean.embed.weight.dtype)
+            self.rope = self.lean.sequence_rope(x.shape[1], self.inputs.get("position_ids"))
         b, j = active.nonzero(as_tuple=True)  # row-major, the order of logits[active]
-        src = (j - 1).clamp_min(0)  # hidden j - 1 predicts token j (position 0 keeps its own)
-        read, where = torch.unique(src, return_inverse=True)  # the last layer's rows: any batch row reads them
         mask = self.inputs.get("attention_mask")
-        hidden, _ = self.lean.forward(x, self.rope, rows=read, key_mask=None if mask is None else mask.bool())
-        self.x, self.active, self.rows = x.clone(), active.clone(), self.lean.head_logits(hidden[b, where])
+        self.rows = self.lean.read_logits(x, self.rope, b, j, key_mask=None if mask is None else mask.bool())[0]
+        self.x, self.active = x.clone(), active.clone()
         return self.rows
 
 
