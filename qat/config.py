@@ -216,6 +216,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     kd: float = 0.0  # distillation weight: loss = (1 - kd) * CE + kd * T² * KL(teacher ‖ student)
     kd_temperature: float = 1.0
+    # share of reverse KL(student ‖ teacher) in the distillation term, the rest forward KL (BitDistiller's CAKLD
+    # mixes them by the teacher's confidence: mode-seeking helps a low-bit student that cannot cover every mode)
+    kd_reverse: float = 0.0
     kd_hidden: float = 0.0  # + kd_hidden · mean relative hidden-state error per layer vs the teacher (objectives)
     kd_teacher: str = "self"  # self: same weights, fake quant off (no copy) | frozen: a frozen copy of the start
     fake_quant_after: int = 0  # delayed fake quant: train in float for this many steps first
@@ -252,6 +255,7 @@ class TrainConfig:
         if self.mixed_precision in (False, "False"):  # YAML reads a bare `no` as false (OmegaConf: "False")
             self.mixed_precision = "no"
         _check(self.kd_hidden >= 0, f"train.kd_hidden must be >= 0, got {self.kd_hidden}")
+        _check(0.0 <= self.kd_reverse <= 1.0, f"train.kd_reverse must be in [0, 1], got {self.kd_reverse}")
         _check(self.kd_temperature > 0, f"train.kd_temperature must be > 0, got {self.kd_temperature}")
         _check(
             self.kd_teacher in ("self", "frozen"),

@@ -159,27 +159,37 @@ def noise_generator(device: torch.device | str, *keys: int) -> torch.Generator:
 
 
 def _selected(logits: Tensor, ex: Example) -> tuple[Tensor, Tensor]:
-    """(float32 logits, weights) of the positions that carry weight: [N, V], [N]."""
+    """(float32 logits, weights) of the positions that carry weight: [N, V], [N]; or, when every position does
+    and the logits are float32 already (AR pretraining rows), [B, L−1, V] and [B, L−1] as a view: no copy of the
+    largest tensor of the step, and no scatter back in the backward pass."""
     sel = ex.weight > 0
+    if logits.dtype == torch.float32 and bool(sel.all()):
+        return logits[:, :-1], ex.weight
     return logits[:, :-1][sel].float(), ex.weight[sel]
 
 
 def ce_loss(logits: Tensor, ex: Example) -> Tensor:
     """Σ weight · CE(logits[:, i], targets[:, i]) / norm; logits are the model's raw, unshifted [B, L, V]."""
     lg, w = _selected(logits, ex)
-    ce = F.cross_entropy(lg, ex.targets[ex.weight > 0], reduction="none")
+    targets = ex.targets if lg.dim() == 3 else ex.targets[ex.weight > 0]
+    ce = -F.log_softmax(lg, -1).gather(-1, targets[..., None])[..., 0]  # F.cross_entropy's arithmetic, any rank
     return (ce * w).sum() / ex.norm
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, ex: Example, temperature: float = 1.0) -> Tensor:
-    """T² · Σ weight · KL(teacher ‖ student) / norm on softened distributions (Hinton et al.; the T² keeps
-    gradient magnitudes comparable across temperatures)."""
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, ex: Example, temperature: float = 1.0,
+            reverse: float = 0.0) -> Tensor:  # fmt: skip
+    """T² · Σ weight · KL / norm on softened distributions (Hinton et al.; the T² keeps gradient magnitudes
+    comparable across temperatures), KL = (1 − reverse) · KL(teacher ‖ student) + reverse · KL(student ‖ teacher):
+    forward KL covers every mode of the teacher, reverse KL seeks its main ones (BitDistiller's CAKLD)."""
     s, w = _selected(student_logits, ex)
     t, _ = _selected(teacher_logits, ex)
-    t2 = temperature * temperature
-    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
-                  reduction="none").sum(-1)  # fmt: skip
-    return (kl * w).sum() / ex.norm * t2
+    log_s, log_t = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    kl = 0.0
+    if reverse < 1:
+        kl = (1 - reverse) * F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
+    if reverse > 0:
+        kl = kl + reverse * F.kl_div(log_t, log_s, log_target=True, reduction="none").sum(-1)
+    return (kl * w).sum() / ex.norm * temperature * temperature
 
 
 def hidden_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...]) -> Tensor:

@@ -516,9 +516,10 @@ def compute_loss(recipe: Recipe, model, unwrapped, teacher, batch: dict, fq_on: 
     ex = objectives.example(recipe.model.family, batch, unwrapped.config, recipe.diffusion, rng)
     hidden = t.kd_hidden > 0
     out = model(input_ids=ex.inputs, output_hidden_states=hidden)
-    ce = objectives.ce_loss(out.logits, ex)
     if not t.distills:
-        return ce, {}
+        return objectives.ce_loss(out.logits, ex), {}
+    with torch.no_grad() if t.kd == 1 else nullcontext():  # pure distillation: CE is only logged
+        ce = objectives.ce_loss(out.logits, ex)
     with torch.no_grad():
         if teacher is not None:
             t_out = teacher(input_ids=ex.inputs, output_hidden_states=hidden)
@@ -527,7 +528,7 @@ def compute_loss(recipe: Recipe, model, unwrapped, teacher, batch: dict, fq_on: 
             with unwrapped.disable_adapter() if lora.is_wrapped(unwrapped) else nullcontext():
                 t_out = model(input_ids=ex.inputs, output_hidden_states=hidden)
             set_fake_quant(unwrapped, fq_on)
-    kd = objectives.kd_loss(out.logits, t_out.logits, ex, t.kd_temperature)
+    kd = objectives.kd_loss(out.logits, t_out.logits, ex, t.kd_temperature, t.kd_reverse)
     loss, parts = (1 - t.kd) * ce + t.kd * kd, {"train/ce_loss": ce.detach(), "train/kd_loss": kd.detach()}
     if hidden:
         h = objectives.hidden_loss(out.hidden_states, t_out.hidden_states)

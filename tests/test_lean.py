@@ -34,6 +34,24 @@ def test_forward_is_transformers_forward_bitwise(model):
     assert lean._packs or not lean.pack  # the packed path did run
 
 
+def test_sibling_linears_are_one_packed_matmul_bitwise(model):
+    """q/k/v-like siblings (with and without bias) through one concatenated packed matmul equal separate calls;
+    a fake-quant sibling keeps every call separate."""
+    torch.manual_seed(0)
+    lean, x = LeanDecoder(model), torch.randn(2, 30, 16)
+    mods = (torch.nn.Linear(16, 24, bias=False), torch.nn.Linear(16, 8), torch.nn.Linear(16, 8, bias=False))
+    want = [m(x) for m in mods]
+    with torch.no_grad():
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(lean.linears(mods, x), want, strict=True))
+    assert lean._packs or not lean.pack
+    fq = prepare(torch.nn.Sequential(torch.nn.Linear(16, 8)), QuantConfig(bits=4, group_size=16))[0]
+    lean = LeanDecoder(model)
+    for _ in range(3):
+        lean.linears((mods[0], fq), x)
+    assert not lean._packs
+
+
 def test_rows_and_head_are_the_logits_of_those_rows(model):
     x = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(1))
     lean, rows = LeanDecoder(model), torch.tensor([0, 7, 8, 29])

@@ -134,3 +134,15 @@ def test_hidden_loss_is_the_mean_relative_layer_error_without_embeddings():
     student = (teacher[0] + 100.0, *(t + n for t, n in zip(teacher[1:], noise[1:], strict=True)))  # embeddings ignored
     want = sum((n.pow(2).sum() / t.pow(2).sum()).item() for t, n in zip(teacher[1:], noise[1:], strict=True)) / 3
     assert objectives.hidden_loss(student, teacher).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_reverse_kd_is_kl_of_student_to_teacher():
+    """kd_reverse mixes KL(t‖s) and KL(s‖t) linearly; reverse=1 is the forward loss with the roles swapped."""
+    x = ids(2, 16)
+    ex = causal_example(x)
+    s, t = torch.randn(*x.shape, V, generator=gen(8)), torch.randn(*x.shape, V, generator=gen(9))
+    fwd, rev = kd_loss(s, t, ex), kd_loss(s, t, ex, reverse=1.0)
+    torch.testing.assert_close(rev, kd_loss(t, s, ex))
+    assert not torch.allclose(fwd, rev)
+    torch.testing.assert_close(kd_loss(s, t, ex, reverse=0.3), 0.7 * fwd + 0.3 * rev)
+    assert kd_loss(s, s.clone(), ex, reverse=0.5) == 0

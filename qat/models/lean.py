@@ -63,29 +63,37 @@ class LeanDecoder:
         self.embed, self.layers, self.norm, self.rotary = base.embed_tokens, base.layers, base.norm, base.rotary_emb
         self.head_dim = self.layers[0].self_attn.head_dim
         self.pack = pack and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-        self._packs: dict[int, tuple[Tensor, int]] = {}  # id(linear) -> (MKL-packed weight, rows it was packed for)
-        self._seen: dict[tuple[int, int], int] = {}  # (id(linear), rows) -> calls
+        # ids of sibling linears -> (MKL-packed concatenated weight, that weight, bias, rows it was packed for)
+        self._packs: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor | None, int]] = {}
+        self._seen: dict[tuple[tuple[int, ...], int], int] = {}  # (ids, rows) -> calls
 
-    def linear(self, module: nn.Module, x: Tensor) -> Tensor:
-        """module(x). A float32 nn.Linear on CPU goes through MKL's sgemm on a weight packed once: a plain call
-        re-packs the weight every time, which costs 20-30 % at these shapes (LOG.md). A pack serves one number of
-        rows (other counts take the plain path), so a layer is packed for the first row count it meets a third
-        time: the full sequence in exact decoding, the window in cached decoding, never the ever-shrinking rows of
-        the last layer and the head. Costs a second copy of those weights for the decoder's lifetime (one
-        generation). Fake-quant, integer, bf16 and GPU linears are called as they are."""
-        w = getattr(module, "weight", None)
-        if not (self.pack and type(module) is nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu"):
-            return module(x)
-        rows, key = x.numel() // x.shape[-1], id(module)
+    def linears(self, modules: tuple[nn.Module, ...], x: Tensor) -> list[Tensor]:
+        """[m(x) for m in modules]: sibling projections of one input (q/k/v, gate/up). Float32 nn.Linears on CPU go
+        through MKL's sgemm as ONE matmul on their weights concatenated and packed once: a plain call re-packs its
+        weight every time (20-30 % at these shapes) and three small matmuls use the cores worse than one wide one
+        (LOG.md). Concatenating output columns leaves every dot product's reduction as it was (bitwise the same,
+        tested). A pack serves one number of rows (other counts take the plain path), so it is made for the first
+        row count met a third time: the full sequence in exact decoding, the window in cached decoding, never the
+        ever-shrinking rows of the last layer and the head. Costs a second copy of those weights for the
+        decoder's lifetime (one generation). Fake-quant, integer, bf16 and GPU linears are called as they are."""
+        rows, key = x.numel() // x.shape[-1], tuple(id(m) for m in modules)
+        if not (self.pack and all(_plain(m) for m in modules)) or (key not in self._packs and self._count(key, rows)):
+            return [m(x) for m in modules]
         if key not in self._packs:
-            self._seen[key, rows] = self._seen.get((key, rows), 0) + 1
-            if self._seen[key, rows] < 3:
-                return module(x)
-            self._packs[key] = (torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows)
-        packed, batch = self._packs[key]
+            w = modules[0].weight if len(modules) == 1 else torch.cat([m.weight for m in modules])
+            bias = [m.bias for m in modules]
+            b = None if all(t is None for t in bias) else torch.cat([_bias(m) for m in modules])
+            self._packs[key] = (torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w, b, rows)
+        packed, w, b, batch = self._packs[key]
         if rows != batch:
-            return module(x)
-        return torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed, w, module.bias, batch).view(*x.shape[:-1], -1)
+            return [m(x) for m in modules]
+        y = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed, w, b, batch).view(*x.shape[:-1], -1)
+        return list(y.split([m.out_features for m in modules], -1)) if len(modules) > 1 else [y]
+
+    def _count(self, key: tuple[int, ...], rows: int) -> bool:
+        """Count a call of `key` with `rows` rows; True while it is still below the third (not packed yet)."""
+        self._seen[key, rows] = self._seen.get((key, rows), 0) + 1
+        return self._seen[key, rows] < 3
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         """The LM head on (normed) hidden states [..., H]."""
@@ -145,9 +153,10 @@ class LeanDecoder:
         B, n, _ = h.shape
         x = _rms(layer.input_layernorm, h)
         shape = (B, n, -1, self.head_dim)
-        q = _rms(attn.q_norm, self.linear(attn.q_proj, x).view(shape)).transpose(1, 2)
-        k = _rms(attn.k_norm, self.linear(attn.k_proj, x).view(shape)).transpose(1, 2)
-        v = self.linear(attn.v_proj, x).view(shape).transpose(1, 2)
+        q, k, v = self.linears((attn.q_proj, attn.k_proj, attn.v_proj), x)
+        q = _rms(attn.q_norm, q.view(shape)).transpose(1, 2)
+        k = _rms(attn.k_norm, k.view(shape)).transpose(1, 2)
+        v = v.view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         keys, values = k, v
         if context is not None:
@@ -161,12 +170,22 @@ class LeanDecoder:
             if groups > 1:
                 keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-        h = h + self.linear(attn.o_proj, out.transpose(1, 2).reshape(B, q.shape[2], -1))
+        h = h + self.linears((attn.o_proj,), out.transpose(1, 2).reshape(B, q.shape[2], -1))[0]
         x = _rms(layer.post_attention_layernorm, h)
         if type(mlp).__name__ == "Qwen3MLP":  # the same arithmetic with fewer temporaries
-            gate = mlp.act_fn(self.linear(mlp.gate_proj, x))
-            return h.add_(self.linear(mlp.down_proj, gate.mul_(self.linear(mlp.up_proj, x)))), k, v
+            gate, up = self.linears((mlp.gate_proj, mlp.up_proj), x)
+            return h.add_(self.linears((mlp.down_proj,), mlp.act_fn(gate).mul_(up))[0]), k, v
         return h.add_(mlp(x)), k, v
+
+
+def _plain(module: nn.Module) -> bool:
+    """A float32 torch.nn.Linear on CPU (not a subclass: fake-quant and integer linears compute otherwise)."""
+    w = getattr(module, "weight", None)
+    return type(module) is nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu"
+
+
+def _bias(module: nn.Linear) -> Tensor:
+    return module.bias if module.bias is not None else module.weight.new_zeros(module.out_features)
 
 
 def _rms(norm: nn.Module, x: Tensor) -> Tensor:
