@@ -63,6 +63,7 @@ MODES = {
     "dual+t": dict(block_length=32, cache="dual", threshold=0.9),
 }
 REFERENCE = {"exact", "fast", "lean", "draft"}
+BOUNDS: dict[str, str] = {}  # size -> its flop_bound line
 
 
 def build(shape: dict[str, int]) -> torch.nn.Module:
@@ -77,6 +78,20 @@ def build(shape: dict[str, int]) -> torch.nn.Module:
     with torch.no_grad():
         model.lm_head.weight[model.config.mask_token_id] = 0
     return model
+
+
+def flop_bound(config, prompt: int, new: int) -> float:
+    """Matmul FLOPs of the reference (every layer and the head on all L positions, every step) over those of
+    the lean forward (the last layer and the head only on the rows the masked positions read: new − t rows at
+    step t): the most any exact algorithm that keeps the reference's per-step forward can gain where matmuls are
+    the cost (a CPU in float32)."""
+    h, heads, kv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    layer = 2 * h * heads * d + 2 * h * kv * d + 3 * h * config.intermediate_size  # q, o; k, v; the MLP
+    head, n, length = config.vocab_size * h, config.num_hidden_layers, prompt + new
+    attention = 4 * heads * d * length  # QKᵀ and AV per query row, multiply-adds × 2 / 2
+    ref = new * length * (n * (layer + attention) + head)
+    lean = sum(length * (n - 1) * (layer + attention) + (new - t) * (layer + attention + head) for t in range(new))
+    return ref / lean
 
 
 def heldout_prompts(tokenizer, batch: int, prompt: int, new: int) -> torch.Tensor:
@@ -111,6 +126,7 @@ def run_size(name: str, batch: int, args) -> list[str]:
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, model.config.vocab_size - 1, (batch, prompt), generator=gen)
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    modes = [m for m in MODES if m in {"exact", "fast", *args.modes.split(",")}]
     outputs: dict[str, torch.Tensor] = {}
 
     def job(mode: str):
@@ -120,12 +136,13 @@ def run_size(name: str, batch: int, args) -> list[str]:
         return go
 
     with torch.inference_mode():
-        times = interleaved({m: job(m) for m in MODES}, rounds=args.rounds, warmup=0)
+        times = interleaved({m: job(m) for m in modes}, rounds=args.rounds, warmup=0)
     exact = outputs["exact"][:, prompt:]
     if not torch.equal(outputs["fast"], outputs["exact"]):
         sys.exit(f"{name}: fast=True differs from exact: a bug")
     lines = []
-    for mode in MODES:
+    BOUNDS[name] = f"{name}, {prompt} + {new}: {flop_bound(model.config, prompt, new):.2f}×"
+    for mode in modes:
         got = outputs[mode][:, prompt:]
         agree = float((got == exact).float().mean())
         row = (f"| {name} ({params:.0f}M) | {batch} | {mode}{'' if mode in REFERENCE else ' (not ref.)'} | "
@@ -144,6 +161,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (random models)")
     ap.add_argument("--new", type=int, default=128, help="new tokens = steps (random models; 32 for 1.7b)")
+    ap.add_argument("--modes", default=",".join(MODES), help="modes to run (exact and fast always run: the baseline)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke test: small shapes, 32 tokens, 1 round")
@@ -159,6 +177,8 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             for line in run_size(name, batch, args):
                 print(line, flush=True)
+    print("\nFLOP bound of exact decoding (the reference's matmul FLOPs over the lean forward's, `flop_bound`): "
+          + "; ".join(BOUNDS.values()))
 
 
 if __name__ == "__main__":

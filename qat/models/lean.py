@@ -83,7 +83,10 @@ class LeanDecoder:
             w = modules[0].weight if len(modules) == 1 else torch.cat([m.weight for m in modules])
             bias = [m.bias for m in modules]
             b = None if all(t is None for t in bias) else torch.cat([_bias(m) for m in modules])
-            self._packs[key] = (torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w, b, rows)
+            # MKL reads only the packed copy when the row count matches (the only way it is called here); the
+            # unpacked argument is a zero-stride stand-in of the right shape, not a third copy of the weights
+            stand_in = w.new_zeros(1).expand(w.shape)
+            self._packs[key] = (torch.ops.mkl._mkl_reorder_linear_weight(w, rows), stand_in, b, rows)
         packed, w, b, batch = self._packs[key]
         if rows != batch:
             return [m(x) for m in modules]
