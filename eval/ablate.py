@@ -3,7 +3,7 @@
     python -m eval.ablate recipes=[tiny_qwen3_int4,tiny_coda_int4] [bits=[8,4,3,2]]
                           [methods=[rtn,gptq,awq,qat,qat-gptq]] [seeds=[0,1]] [seed_bits=[4,2]]
                           [metric=auto|passk|heldout] [heldout_data=pkg:accelerate] [out=ablations/NAME]
-                          [set=[train.steps=50,...]] [limit=0] [report_only=false]
+                          [set=[train.steps=50,...]] [limit=0] [workers=1] [report_only=false]
 
 (`recipe=NAME` for one family.) A width's cells run that width's own recipe when the family has one per width
 (`tiny_qwen3_int2` for bits 2 of `tiny_qwen3_int4`: each width keeps its grid), else the given recipe with
@@ -38,6 +38,13 @@ cell needs, so committing the `result.json` files carries a study over to anothe
 `results.jsonl` (one line per cell), `report.md` (the table, with the corpus, metric, direction and recovery
 definition) and `pareto.png` (held-out metric vs weights-file size, one panel per family).
 
+Workers (`workers=N`): the study starts N processes of itself, each with 1/N of the cores (`OMP_NUM_THREADS`,
+unless set) and its own memo of tokenized data. Each takes the next cell nobody holds (a `.claim` file with its
+pid, created atomically in the cell's directory; the claim of a process that died is taken over), the training
+cells of every recipe first and interleaved, then the quick PTQ cells, so the families share the cores evenly
+whatever each costs (one process per family left the faster one idle at the end). When all have finished, this
+process runs the latency pass alone and writes the report. An interrupted study resumes with the same command.
+
 Latency (`latency_rounds`, 0 = off): after the last cell, every cell's artifact is timed in one pass, under the
 same conditions (qat/latency.py), per generated token: a decode step with a 128-token KV cache for Qwen3, a
 32-token generation by the reference sampler (one token per step) divided by 32 for CoDA — with the inference
@@ -51,6 +58,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import os
 import re
 import statistics
 import sys
@@ -88,6 +97,8 @@ class AblateConfig:
     report_only: bool = False  # rebuild results.jsonl, report.md, pareto.png from the finished cells; run nothing
     latency_rounds: int = 10  # interleaved timing rounds over all cells after the last one (0 = no latency pass)
     latency_models: int = 64  # models loaded at once for the interleaved pass (lower it for large models)
+    workers: int = 1  # processes sharing the cells of every recipe (module docstring); 1 = this process alone
+    worker: bool = False  # set by the parent on its worker processes: run claimed cells only, no latency, no report
 
     def __post_init__(self) -> None:
         if self.recipe:
@@ -104,7 +115,7 @@ class AblateConfig:
         if not self.bits or not set(self.bits) <= {2, 3, 4, 8}:
             raise RecipeError(f"bits must be a non-empty subset of [8, 4, 3, 2], got {self.bits}")
         for k, least in (("heldout_rows", 1), ("heldout_seq_len", 1), ("limit", 0), ("latency_rounds", 0),
-                         ("latency_models", 1)):
+                         ("latency_models", 1), ("workers", 1)):
             if getattr(self, k) < least:
                 raise RecipeError(f"{k} must be >= {least}, got {getattr(self, k)}")
 
@@ -228,47 +239,134 @@ def measure(final: Path, metric: str, sources: dict[str, DataConfig], cfg: Ablat
 
 
 def run(cfg: AblateConfig) -> Path:
-    from qat import data
-
     out = Path(cfg.out or ROOT / "ablations" / "_".join(cfg.recipes))
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    grid = cells(cfg)
-    for recipe_name in cfg.recipes:
-        recipe = load_recipe([f"recipe={recipe_name}", *cfg.set])
-        family = recipe.model.family
-        sources = corpora(recipe, cfg)
-        names = {k: data.describe(v) for k, v in sources.items()}
-        metric = cfg.metric
-        for i, c in enumerate(grid):
-            cell = out / recipe_name / c.name
-            done = cell / "result.json"
-            if done.is_file():  # written last, after the artifact was measured: the cell is complete
-                rows.append(json.loads(done.read_text()))
-                print(f"[{i + 1}/{len(grid)}] {recipe_name}/{c.name}: done earlier", flush=True)
+    if cfg.workers > 1 and not cfg.worker and not cfg.report_only:
+        spawn_workers(cfg, out)  # they run every cell; this process then finds them done
+    rows = {}
+    for recipe_name, recipe, i, c in jobs(cfg):
+        cell = out / recipe_name / c.name
+        done = cell / "result.json"
+        if done.is_file():  # written last, after the artifact was measured: the cell is complete
+            rows[recipe_name, c.name] = json.loads(done.read_text())
+            print(f"[{i + 1}/{len(cells(cfg))}] {recipe_name}/{c.name}: done earlier", flush=True)
+            continue
+        if cfg.report_only:
+            continue
+        with claim(cell) as mine:
+            if not mine:  # another worker runs it
                 continue
-            if cfg.report_only:
-                continue
-            cell.mkdir(parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            name = width_recipe(recipe_name, c.bits)
-            train_cell(name, cell, [*cfg.set, *c.overrides], cell / "train.log")
-            q = load_recipe([f"recipe={name}", *cfg.set, *c.overrides]).quant
-            if metric == "auto":  # decided on the first (unquantized) cell
-                metric = "heldout" if parameters(cell / "final") < 50e6 else "passk"
-            row = {"recipe": recipe_name, "family": family, "cell": c.name, "method": c.method, "bits": c.bits,
-                   "seed": c.seed, "metric": metric, "corpora": names, "run_recipe": name,
-                   "grid": "" if c.bits == 16 else f"g{q.group_size} {'sym' if q.symmetric else 'asym'}",
-                   **measure(cell / "final", metric, sources, cfg), "seconds": round(time.perf_counter() - t0, 1)}
-            done.write_text(json.dumps(row) + "\n")
-            rows.append(row)
-            shown = {k: round(v, 4) for k, v in row.items() if k in metric_keys([row])}
-            print(f"[{i + 1}/{len(grid)}] {recipe_name}/{c.name}: {shown} ({row['seconds']} s)", flush=True)
-            write(rows, out)  # after every cell: an interrupted study still has its table so far
+            row = run_cell(cfg, recipe_name, recipe, c, cell)
+        done.write_text(json.dumps(row) + "\n")
+        rows[recipe_name, c.name] = row
+        shown = {k: round(v, 4) for k, v in row.items() if k in metric_keys([row])}
+        print(f"[{i + 1}/{len(cells(cfg))}] {recipe_name}/{c.name}: {shown} ({row['seconds']} s)", flush=True)
+        if not cfg.worker:
+            write(ordered(rows, cfg), out)  # after every cell: an interrupted study still has its table so far
+    if cfg.worker:
+        return out
+    rows = ordered(rows, cfg)
     if cfg.latency_rounds and not cfg.report_only:
         time_cells(rows, out, cfg)
     write(rows, out)
     return out
+
+
+def jobs(cfg: AblateConfig) -> list[tuple[str, object, int, Cell]]:
+    """(recipe name, recipe, index in its grid, cell) in run order: recipe by recipe for one process; for workers,
+    the training cells of all recipes first, interleaved (the longest jobs first keep the workers' loads even),
+    then the quick ones."""
+    grid = cells(cfg)
+    recipes = {name: load_recipe([f"recipe={name}", *cfg.set]) for name in cfg.recipes}
+    order = [(name, recipes[name], i, c) for name in cfg.recipes for i, c in enumerate(grid)]
+    if cfg.worker:
+        order = sorted(order, key=lambda j: (j[3].method in ("base", *PTQ), j[2], cfg.recipes.index(j[0])))
+    return order
+
+
+def ordered(rows: dict[tuple[str, str], dict], cfg: AblateConfig) -> list[dict]:
+    """The rows in the report's order (recipe by recipe, grid order), whatever order the cells finished in."""
+    return [rows[r, c.name] for r in cfg.recipes for c in cells(cfg) if (r, c.name) in rows]
+
+
+def run_cell(cfg: AblateConfig, recipe_name: str, recipe, c: Cell, cell: Path) -> dict:
+    """Train (or PTQ) one cell through the trainer and measure its artifact: its result row."""
+    from qat import data
+
+    cell.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    name = width_recipe(recipe_name, c.bits)
+    train_cell(name, cell, [*cfg.set, *c.overrides], cell / "train.log")
+    q = load_recipe([f"recipe={name}", *cfg.set, *c.overrides]).quant
+    metric = cfg.metric if cfg.metric != "auto" else auto_metric(recipe)
+    sources = corpora(recipe, cfg)
+    names = {k: data.describe(v) for k, v in sources.items()}
+    return {"recipe": recipe_name, "family": recipe.model.family, "cell": c.name, "method": c.method, "bits": c.bits,
+            "seed": c.seed, "metric": metric, "corpora": names, "run_recipe": name,
+            "grid": "" if c.bits == 16 else f"g{q.group_size} {'sym' if q.symmetric else 'asym'}",
+            **measure(cell / "final", metric, sources, cfg), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@contextlib.contextmanager
+def claim(cell: Path):
+    """Yields True when this process owns `cell` until the block ends (a `.claim` file holding its pid, created
+    atomically), False when a live process does. A claim whose process is gone (a killed worker) is taken over, so
+    a stopped study resumes with the same command."""
+    cell.mkdir(parents=True, exist_ok=True)
+    path = cell / ".claim"
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if attempt or not pid or _alive(pid):  # pid 0: just created, its pid not written yet
+                yield False
+                return
+            path.unlink(missing_ok=True)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield True
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def spawn_workers(cfg: AblateConfig, out: Path) -> None:
+    """`cfg.workers` processes of this study (`worker=true`), each with an equal share of the cores unless
+    OMP_NUM_THREADS says otherwise; waits for all, and fails if one did."""
+    import subprocess
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.workers)))
+    argv = [sys.executable, "-m", "eval.ablate", *sys_argv(cfg, out), "worker=true"]
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=env) for _ in range(cfg.workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"a study worker failed (exit codes {codes}): see the cells' train.log files in {out}")
+
+
+def sys_argv(cfg: AblateConfig, out: Path) -> list[str]:
+    """This study's settings as command-line arguments (the workers' command)."""
+    skip = {"recipe", "worker", "workers", "out"}
+    args = [f"out={out}"]
+    for k, v in vars(cfg).items():
+        if k not in skip:
+            args.append(f"{k}=[{','.join(map(str, v))}]" if isinstance(v, list) else f"{k}={v}")
+    return args
 
 
 def write(rows: list[dict], out: Path) -> None:
@@ -280,11 +378,24 @@ def write(rows: list[dict], out: Path) -> None:
     report(rows, out)
 
 
-def parameters(final: Path) -> int:
-    from qat.models import load
+def auto_metric(recipe) -> str:
+    """`heldout` for models under 50M parameters (the tiny ones, which solve no HumanEval problem), else `passk`:
+    decided by the model the recipe starts from, so every cell of a recipe gets the same metric. Counted from the
+    checkpoint's safetensors headers (no weights read), or from the loaded model when it is not a local directory."""
+    from safetensors import safe_open
 
-    model, _ = load(final)
-    return sum(p.numel() for p in model.parameters())
+    path = Path(recipe.model.path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if files:
+        n = 0
+        for f in files:
+            with safe_open(f, "pt") as st:
+                n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
+    else:
+        from qat.models import load
+
+        n = sum(p.numel() for p in load(recipe.model.path)[0].parameters())
+    return "heldout" if n < 50e6 else "passk"
 
 
 # -------------------------------------------------------------------------------------------------- the report

@@ -4,6 +4,7 @@ the tiny models (pass rates ~0 there: what is tested is that generation, executi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from itertools import combinations
@@ -61,6 +62,27 @@ def test_heldout_loss_is_deterministic_and_family_specific():
     qwen, _ = load(ROOT / "checkpoints/micro-qwen3")
     ar = heldout_loss(qwen, ids, "qwen3", [0.5])
     assert ar["tokens"] == 4 * 31
+
+
+def test_heldout_head_on_scored_positions_only_is_the_full_forward():
+    """The held-out score runs the LM head only on the scored positions: the same losses as reading them from
+    the full logits, for both families (a model without get_decoder takes the full forward)."""
+    from qat import objectives
+    from qat.models import load
+
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    for name, family in (("micro-coda", "coda"), ("micro-qwen3", "qwen3")):
+        model, _ = load(ROOT / "checkpoints" / name)
+        ex = (objectives.diffusion_example(ids, model.config.mask_token_id, sigma=torch.full((4,), 0.3),
+                                           generator=torch.Generator().manual_seed(2))
+              if family == "coda" else objectives.causal_example(ids))  # fmt: skip
+        sel = ex.weight > 0
+        with torch.no_grad():
+            want = model(input_ids=ex.inputs).logits[:, :-1][sel]
+            torch.testing.assert_close(objectives._logits_at(model, ex.inputs, sel), want, rtol=0, atol=1e-5)
+            wrapped = torch.nn.Module()
+            wrapped.forward, wrapped.config = model.forward, model.config  # no decoder/head accessors
+            assert torch.equal(objectives._logits_at(wrapped, ex.inputs, sel), want)
 
 
 @pytest.fixture(autouse=False)
@@ -153,6 +175,41 @@ def test_ablate_end_to_end_both_families(tmp_path):
     (out / "report.md").unlink()
     main([*args, "report_only=true"])  # the report rebuilt from the cells' result.json alone
     assert (out / "report.md").read_text() == report
+
+
+def test_study_claims_are_exclusive_and_a_dead_workers_claim_is_taken_over(tmp_path):
+    from eval.ablate import claim
+
+    cell = tmp_path / "cell"
+    with claim(cell) as mine:
+        assert mine and (cell / ".claim").read_text() == str(os.getpid())
+        with claim(cell) as again:  # held by a live process (this one)
+            assert not again
+    assert not (cell / ".claim").exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (cell / ".claim").write_text(dead.stdout.strip())  # a worker that died holding the cell
+    with claim(cell) as mine:
+        assert mine
+
+
+@pytest.mark.slow
+def test_ablate_workers_share_the_cells_and_agree_with_one_process(tmp_path):
+    """workers=2: every cell run once (by either worker), no claim left, the same results as one process; the
+    parent alone times the cells and writes the report."""
+    from eval.ablate import main
+
+    args = ["recipes=[micro_qwen3_int4,micro_coda_int4]", "bits=[2]", "methods=[rtn,qat]", "metric=heldout",
+            "seeds=[0]", "heldout_rows=4", "heldout_seq_len=64", "latency_rounds=1",
+            "set=[data.max_docs=3,train.steps=3,train.seq_len=64,train.batch_size=2,train.save_every=0]"]  # fmt: skip
+    one = main([*args, f"out={tmp_path / 'one'}"])
+    two = main([*args, f"out={tmp_path / 'two'}", "workers=2"])
+    rows = lambda out: [json.loads(x) for x in (out / "results.jsonl").open()]  # noqa: E731
+    a, b = rows(one), rows(two)
+    assert [(r["recipe"], r["cell"]) for r in a] == [(r["recipe"], r["cell"]) for r in b] and len(a) == 8
+    for x, y in zip(a, b, strict=True):
+        assert y["validation"] == pytest.approx(x["validation"], rel=1e-4)
+        assert y["heldout"] == pytest.approx(x["heldout"], rel=1e-4) and y["latency_ms"] > 0
+    assert not list(two.glob("*/*/.claim")) and (two / "report.md").is_file()
 
 
 def test_repeated_diffusion_samples_differ(tmp_path, data_paths):
