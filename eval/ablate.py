@@ -257,7 +257,7 @@ def run(cfg: AblateConfig) -> Path:
             if not mine:  # another worker runs it
                 continue
             row = run_cell(cfg, recipe_name, recipe, c, cell)
-        done.write_text(json.dumps(row) + "\n")
+            done.write_text(json.dumps(row) + "\n")  # before the claim goes: no other worker starts it again
         rows[recipe_name, c.name] = row
         shown = {k: round(v, 4) for k, v in row.items() if k in metric_keys([row])}
         print(f"[{i + 1}/{len(cells(cfg))}] {recipe_name}/{c.name}: {shown} ({row['seconds']} s)", flush=True)
