@@ -214,7 +214,8 @@ def _logits_at(model, inputs: Tensor, sel: Tensor) -> Tensor:
     decoder and head (or whose head is not a plain projection of the last hidden state) run whole."""
     decoder = getattr(model, "get_decoder", lambda: None)()
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    if decoder is None or not isinstance(head, torch.nn.Linear) or getattr(model.config, "final_logit_softcapping", None):
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if decoder is None or not isinstance(head, torch.nn.Linear) or softcap:
         return model(input_ids=inputs).logits[:, :-1][sel]
     return head(decoder(input_ids=inputs).last_hidden_state[:, :-1][sel])
 
