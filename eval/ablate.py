@@ -243,13 +243,13 @@ def run(cfg: AblateConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.workers > 1 and not cfg.worker and not cfg.report_only:
         spawn_workers(cfg, out)  # they run every cell; this process then finds them done
-    rows = {}
+    rows, n = {}, len(cells(cfg))
     for recipe_name, recipe, i, c in jobs(cfg):
         cell = out / recipe_name / c.name
         done = cell / "result.json"
         if done.is_file():  # written last, after the artifact was measured: the cell is complete
             rows[recipe_name, c.name] = json.loads(done.read_text())
-            print(f"[{i + 1}/{len(cells(cfg))}] {recipe_name}/{c.name}: done earlier", flush=True)
+            print(f"[{i + 1}/{n}] {recipe_name}/{c.name}: done earlier", flush=True)
             continue
         if cfg.report_only:
             continue
@@ -260,7 +260,7 @@ def run(cfg: AblateConfig) -> Path:
             done.write_text(json.dumps(row) + "\n")  # before the claim goes: no other worker starts it again
         rows[recipe_name, c.name] = row
         shown = {k: round(v, 4) for k, v in row.items() if k in metric_keys([row])}
-        print(f"[{i + 1}/{len(cells(cfg))}] {recipe_name}/{c.name}: {shown} ({row['seconds']} s)", flush=True)
+        print(f"[{i + 1}/{n}] {recipe_name}/{c.name}: {shown} ({row['seconds']} s)", flush=True)
         if not cfg.worker:
             write(ordered(rows, cfg), out)  # after every cell: an interrupted study still has its table so far
     if cfg.worker:
@@ -286,7 +286,8 @@ def jobs(cfg: AblateConfig) -> list[tuple[str, object, int, Cell]]:
 
 def ordered(rows: dict[tuple[str, str], dict], cfg: AblateConfig) -> list[dict]:
     """The rows in the report's order (recipe by recipe, grid order), whatever order the cells finished in."""
-    return [rows[r, c.name] for r in cfg.recipes for c in cells(cfg) if (r, c.name) in rows]
+    grid = cells(cfg)
+    return [rows[r, c.name] for r in cfg.recipes for c in grid if (r, c.name) in rows]
 
 
 def run_cell(cfg: AblateConfig, recipe_name: str, recipe, c: Cell, cell: Path) -> dict:
