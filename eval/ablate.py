@@ -45,6 +45,13 @@ cells of every recipe first and interleaved, then the quick PTQ cells, so the fa
 whatever each costs (one process per family left the faster one idle at the end). When all have finished, this
 process runs the latency pass alone and writes the report. An interrupted study resumes with the same command.
 
+Shared teacher (`teacher_cache`, on by default): the QAT cells distil from the same frozen float model on the
+same batches (every width and both QAT methods draw the same data order and diffusion noise for one seed), so
+the teacher's last hidden state per batch is computed by the first cell that needs it and read back by the
+others (`train.teacher_cache=<out>/.teacher-cache`, qat/teacher_cache.py: keyed by the teacher's weights, the
+batch and the thread count, so the results are bit for bit those of recomputing it). The directory (~2 MiB a
+step per family and seed) is deleted when every cell is done.
+
 Latency (`latency_rounds`, 0 = off): after the last cell, every cell's artifact is timed in one pass, under the
 same conditions (qat/latency.py), per generated token: a decode step with a 128-token KV cache for Qwen3, a
 32-token generation by the reference sampler (one token per step) divided by 32 for CoDA — with the inference
@@ -61,6 +68,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -75,6 +83,7 @@ from qat.config import RECIPES_DIR, DataConfig, RecipeError, exit_on_error, load
 ROOT = Path(__file__).resolve().parents[1]
 PTQ = ("rtn", "gptq", "awq")
 QAT = ("qat", "qat-gptq")
+TEACHER_CACHE = ".teacher-cache"  # in `out`: the QAT cells' shared teacher states (train.teacher_cache)
 HELDOUT_DEFAULT = "pkg:accelerate"  # third-party code every install of this toolkit has, at its pinned version
 
 
@@ -98,6 +107,7 @@ class AblateConfig:
     latency_rounds: int = 10  # interleaved timing rounds over all cells after the last one (0 = no latency pass)
     latency_models: int = 64  # models loaded at once for the interleaved pass (lower it for large models)
     workers: int = 1  # processes sharing the cells of every recipe (module docstring); 1 = this process alone
+    teacher_cache: bool = True  # QAT cells share their frozen teacher's forward per batch (module docstring)
     worker: bool = False  # set by the parent on its worker processes: run claimed cells only, no latency, no report
 
     def __post_init__(self) -> None:
@@ -269,6 +279,8 @@ def run(cfg: AblateConfig) -> Path:
     if cfg.latency_rounds and not cfg.report_only:
         time_cells(rows, out, cfg)
     write(rows, out)
+    if len(rows) == n * len(cfg.recipes):  # every cell done: the teacher cache has served its purpose
+        shutil.rmtree(out / TEACHER_CACHE, ignore_errors=True)
     return out
 
 
@@ -297,7 +309,9 @@ def run_cell(cfg: AblateConfig, recipe_name: str, recipe, c: Cell, cell: Path) -
     cell.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     name = width_recipe(recipe_name, c.bits)
-    train_cell(name, cell, [*cfg.set, *c.overrides], cell / "train.log")
+    cache = cell.parent.parent / TEACHER_CACHE
+    shared = [f"train.teacher_cache={cache}"] if cfg.teacher_cache and c.method in QAT else []
+    train_cell(name, cell, [*shared, *cfg.set, *c.overrides], cell / "train.log")
     q = load_recipe([f"recipe={name}", *cfg.set, *c.overrides]).quant
     metric = cfg.metric if cfg.metric != "auto" else auto_metric(recipe)
     sources = corpora(recipe, cfg)

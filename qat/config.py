@@ -221,6 +221,9 @@ class TrainConfig:
     kd_reverse: float = 0.0
     kd_hidden: float = 0.0  # + kd_hidden · mean relative hidden-state error per layer vs the teacher (objectives)
     kd_teacher: str = "self"  # self: same weights, fake quant off (no copy) | frozen: a frozen copy of the start
+    # a directory where a frozen teacher's last hidden state per batch is kept and read back by later runs with the
+    # same base, batches and precision (qat/teacher_cache.py; eval.ablate sets it for the QAT cells); "" = off
+    teacher_cache: str = ""
     fake_quant_after: int = 0  # delayed fake quant: train in float for this many steps first
     # block-wise reconstruction before end-to-end QAT (qat/blockap.py): steps per decoder layer on the calibration
     # windows, against a float copy of the model; 0 = off

@@ -30,7 +30,9 @@ Diffusion options, all from CoDA's recipes (`DiffusionConfig`):
 Distillation (`kd_loss`) uses the same example: T² · KL(teacher ‖ student) of the softened predictions,
 weighted and normalised like the CE, so for CoDA the teacher (the float model) sees the same noised input,
 and only the masked positions count, with the same 1/sigma weights. Everything is computed in float32, and
-only on the rows with non-zero weight (for a 151k vocabulary the upcast logits are the largest tensor).
+only on the rows with non-zero weight (for a 151k vocabulary the upcast logits are the largest tensor); the
+trainer and the held-out score run the LM head itself on those rows only (`scored_head`), and with T = 1 the
+student's log-softmax is computed once for KD and the logged CE.
 Random draws take an explicit `generator`, which the trainer seeds from (seed, rank, step, micro-batch):
 noise is then a pure function of the position in training, and resuming reproduces it without saving RNG.
 
@@ -41,8 +43,10 @@ masks (a seeded generator), averaged over the grid. Unweighted, so comparable ac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -161,19 +165,80 @@ def noise_generator(device: torch.device | str, *keys: int) -> torch.Generator:
 def _selected(logits: Tensor, ex: Example) -> tuple[Tensor, Tensor]:
     """(float32 logits, weights) of the positions that carry weight: [N, V], [N]; or, when every position does
     and the logits are float32 already (AR pretraining rows), [B, L−1, V] and [B, L−1] as a view: no copy of the
-    largest tensor of the step, and no scatter back in the backward pass."""
+    largest tensor of the step, and no scatter back in the backward pass. `logits` are the model's raw [B, L, V],
+    or already those of the scored positions only (`scored_head`: [B, L−1, V] or [N, V])."""
     sel = ex.weight > 0
+    if logits.dim() == 2:  # [N, V]: the head ran on the selected positions only
+        return logits.float(), ex.weight[sel]
+    if logits.shape[1] == ex.weight.shape[1]:  # [B, L−1, V]: the head ran on every scored position
+        return logits.float(), ex.weight
     if logits.dtype == torch.float32 and bool(sel.all()):
         return logits[:, :-1], ex.weight
     return logits[:, :-1][sel].float(), ex.weight[sel]
 
 
-def ce_loss(logits: Tensor, ex: Example) -> Tensor:
-    """Σ weight · CE(logits[:, i], targets[:, i]) / norm; logits are the model's raw, unshifted [B, L, V]."""
+def scored_positions(ex: Example) -> Tensor | None:
+    """The positions a loss on `ex` reads, for `scored_head`: None when every one is (AR packed rows), else the
+    [B, L−1] bool selection (masked targets for diffusion, supervised ones for SFT rows)."""
+    sel = ex.weight > 0
+    return None if bool(sel.all()) else sel
+
+
+@contextlib.contextmanager
+def scored_head(model: torch.nn.Module, sel: Tensor | None) -> Iterator[None]:
+    """Within this context the LM head of `model` (its output embeddings) runs only on the positions a loss reads:
+    `hidden[:, :-1]` when `sel` is None (logits [B, L−1, V]), else `hidden[:, :-1][sel]` (logits [N, V]), instead
+    of every position. The head is a third of a small model's FLOPs and its [B, L, V] output the largest tensor
+    of a step: a masked-diffusion loss reads 10–90 % of it, and even an AR loss drops the last position, whose
+    slice of the logits would cost a zero-filled [B, L, V] gradient and a copy in the backward. Works through any
+    wrapper (DDP, DeepSpeed, PEFT) because it is a forward pre-hook on the head module itself; what the model
+    does after its head must be position-wise (as HF's logit soft-capping is). `model` is the unwrapped model;
+    a model without output embeddings runs whole (the loss then selects from the full logits)."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None:
+        yield
+        return
+
+    def pick(_module, args):
+        h = args[0][:, :-1]  # contiguous either way: one [B·(L−1), H] matmul, not a batched one over a strided view
+        return (h.contiguous() if sel is None else h[sel], *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def log_probs(logits: Tensor, ex: Example, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(log-softmax of logits / T at the scored positions, their weights): see `_selected` for the shapes.
+    T = 1 divides by nothing (x / 1 is x: a [N, V] pass, and its backward's, saved)."""
     lg, w = _selected(logits, ex)
-    targets = ex.targets if lg.dim() == 3 else ex.targets[ex.weight > 0]
-    ce = -F.log_softmax(lg, -1).gather(-1, targets[..., None])[..., 0]  # F.cross_entropy's arithmetic, any rank
-    return (ce * w).sum() / ex.norm
+    return F.log_softmax(lg if temperature == 1 else lg / temperature, -1), w
+
+
+def nll(log_p: Tensor, w: Tensor, ex: Example) -> Tensor:
+    """Σ weight · (−log p[target]) / norm, from `log_probs` output."""
+    targets = ex.targets if log_p.dim() == 3 else ex.targets[ex.weight > 0]
+    return (-log_p.gather(-1, targets[..., None])[..., 0] * w).sum() / ex.norm
+
+
+def ce_loss(logits: Tensor, ex: Example) -> Tensor:
+    """Σ weight · CE(logits[:, i], targets[:, i]) / norm; logits are the model's raw, unshifted [B, L, V] (or
+    the scored positions', see `_selected`). F.cross_entropy's arithmetic, at any rank."""
+    return nll(*log_probs(logits, ex), ex)
+
+
+def kl(log_s: Tensor, log_t: Tensor, w: Tensor, ex: Example, temperature: float = 1.0, reverse: float = 0.0
+       ) -> Tensor:  # fmt: skip
+    """T² · Σ weight · KL / norm from the softened log-probabilities of student and teacher (`log_probs`),
+    KL = (1 − reverse) · KL(teacher ‖ student) + reverse · KL(student ‖ teacher)."""
+    div = 0.0
+    if reverse < 1:
+        div = (1 - reverse) * F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
+    if reverse > 0:
+        div = div + reverse * F.kl_div(log_t, log_s, log_target=True, reduction="none").sum(-1)
+    return (div * w).sum() / ex.norm * temperature * temperature
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, ex: Example, temperature: float = 1.0,
@@ -181,15 +246,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, ex: Example, tempera
     """T² · Σ weight · KL / norm on softened distributions (Hinton et al.; the T² keeps gradient magnitudes
     comparable across temperatures), KL = (1 − reverse) · KL(teacher ‖ student) + reverse · KL(student ‖ teacher):
     forward KL covers every mode of the teacher, reverse KL seeks its main ones (BitDistiller's CAKLD)."""
-    s, w = _selected(student_logits, ex)
-    t, _ = _selected(teacher_logits, ex)
-    log_s, log_t = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
-    kl = 0.0
-    if reverse < 1:
-        kl = (1 - reverse) * F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
-    if reverse > 0:
-        kl = kl + reverse * F.kl_div(log_t, log_s, log_target=True, reduction="none").sum(-1)
-    return (kl * w).sum() / ex.norm * temperature * temperature
+    log_s, w = log_probs(student_logits, ex, temperature)
+    return kl(log_s, log_probs(teacher_logits, ex, temperature)[0], w, ex, temperature, reverse)
 
 
 def hidden_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...]) -> Tensor:
@@ -209,15 +267,10 @@ HELDOUT_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def _logits_at(model, inputs: Tensor, sel: Tensor) -> Tensor:
-    """model(inputs).logits[:, :-1][sel] with the LM head run only on the selected positions: a masked-token
-    score reads 10–90 % of them, and the head is a third of a small model's FLOPs. Models without a separate
-    decoder and head (or whose head is not a plain projection of the last hidden state) run whole."""
-    decoder = getattr(model, "get_decoder", lambda: None)()
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if decoder is None or not isinstance(head, torch.nn.Linear) or softcap:
-        return model(input_ids=inputs).logits[:, :-1][sel]
-    return head(decoder(input_ids=inputs).last_hidden_state[:, :-1][sel])
+    """model(inputs).logits[:, :-1][sel], with the LM head run only on the selected positions (`scored_head`)."""
+    with scored_head(model, sel):
+        logits = model(input_ids=inputs).logits
+    return logits if logits.dim() == 2 else logits[:, :-1][sel]  # a model without output embeddings ran whole
 
 
 @torch.no_grad()

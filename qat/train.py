@@ -51,7 +51,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from qat import blockap, data, lora, objectives, sharding
+from qat import blockap, data, lora, objectives, sharding, teacher_cache
 from qat.config import Recipe, RecipeError, exit_on_error, flatten, load_recipe, save_recipe
 from qat.export import save_artifact, size_report
 from qat.models import DTYPES, adapter, check_path, family_of
@@ -391,6 +391,13 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
         teacher = sharding.shard_teacher(accelerator, teacher)
         mine, total = sharding.held(teacher)
         say(f"teacher: frozen, {mine / 1e6:.3f}M of its {total / 1e6:.3f}M parameters held by each process")
+        if t.teacher_cache:
+            why = ("the teacher is sharded" if mine < total else "train.kd_hidden needs every layer"
+                   if t.kd_hidden > 0 else teacher_cache.unsupported(teacher))  # fmt: skip
+            if why:
+                say(f"train.teacher_cache: off ({why})")
+            else:
+                teacher = teacher_cache.TeacherCache(teacher, t.teacher_cache)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
 
@@ -503,6 +510,8 @@ def fit(recipe: Recipe, accelerator: Accelerator, model, tokenizer, teacher, val
         say(f"\ninterrupted: saved {path} (step {state.step}); continue with train.resume=auto")
         raise SystemExit(130) from None
     bar.close()
+    if isinstance(teacher, teacher_cache.TeacherCache):
+        say(f"train.teacher_cache: {teacher.hits} batches read from {t.teacher_cache}, {teacher.misses} computed")
     if state.step < t.steps:
         say(f"stopped at step {state.step}/{t.steps} (train.stop_after); continue with train.resume=auto")
     return model, state.step == t.steps
@@ -515,20 +524,26 @@ def compute_loss(recipe: Recipe, model, unwrapped, teacher, batch: dict, fq_on: 
     t = recipe.train
     ex = objectives.example(recipe.model.family, batch, unwrapped.config, recipe.diffusion, rng)
     hidden = t.kd_hidden > 0
-    out = model(input_ids=ex.inputs, output_hidden_states=hidden)
+    sel = objectives.scored_positions(ex)  # the LM heads run only where the losses read (objectives.scored_head)
+    with objectives.scored_head(unwrapped, sel):
+        out = model(input_ids=ex.inputs, output_hidden_states=hidden)
     if not t.distills:
         return objectives.ce_loss(out.logits, ex), {}
-    with torch.no_grad() if t.kd == 1 else nullcontext():  # pure distillation: CE is only logged
-        ce = objectives.ce_loss(out.logits, ex)
     with torch.no_grad():
         if teacher is not None:
-            t_out = teacher(input_ids=ex.inputs, output_hidden_states=hidden)
+            with objectives.scored_head(getattr(teacher, "module", teacher), sel):  # a ZeRO-3 engine's model
+                t_out = teacher(input_ids=ex.inputs, output_hidden_states=hidden)
         else:  # the same weights with fake quant off (and adapters off): the float model the student is pulled to
             set_fake_quant(unwrapped, False)
-            with unwrapped.disable_adapter() if lora.is_wrapped(unwrapped) else nullcontext():
+            with unwrapped.disable_adapter() if lora.is_wrapped(unwrapped) else nullcontext(), \
+                    objectives.scored_head(unwrapped, sel):  # fmt: skip
                 t_out = model(input_ids=ex.inputs, output_hidden_states=hidden)
             set_fake_quant(unwrapped, fq_on)
-    kd = objectives.kd_loss(out.logits, t_out.logits, ex, t.kd_temperature, t.kd_reverse)
+    T = t.kd_temperature
+    log_s, w = objectives.log_probs(out.logits, ex, T)
+    kd = objectives.kl(log_s, objectives.log_probs(t_out.logits, ex, T)[0], w, ex, T, t.kd_reverse)
+    with torch.no_grad() if t.kd == 1 else nullcontext():  # pure distillation: CE is only logged
+        ce = objectives.nll(log_s, w, ex) if T == 1 else objectives.ce_loss(out.logits, ex)  # T = 1: KD's log-softmax
     loss, parts = (1 - t.kd) * ce + t.kd * kd, {"train/ce_loss": ce.detach(), "train/kd_loss": kd.detach()}
     if hidden:
         h = objectives.hidden_loss(out.hidden_states, t_out.hidden_states)

@@ -153,8 +153,12 @@ def test_ablate_end_to_end_both_families(tmp_path):
 
     args = ["recipes=[micro_qwen3_int4,micro_coda_int4]", "bits=[4,2]", "methods=[rtn,qat]", "metric=heldout",
             "seeds=[0]", f"out={tmp_path}", "heldout_rows=4", "heldout_seq_len=64",
-            "set=[data.max_docs=3,train.steps=3,train.seq_len=64,train.batch_size=2,train.save_every=0]"]  # fmt: skip
+            "set=[data.max_docs=3,train.steps=3,train.seq_len=64,train.batch_size=2,train.save_every=0,train.kd=0.5,"
+            "train.kd_teacher=frozen]"]  # fmt: skip
     out = main(args)
+    for recipe in ("micro_qwen3_int4", "micro_coda_int4"):  # the W2 QAT cell (after W4) read the teacher's states
+        assert "train.teacher_cache: 3 batches read" in (out / recipe / "qat-w2-s0" / "train.log").read_text()
+    assert not (out / ".teacher-cache").exists()  # deleted once every cell was done
     report = (out / "report.md").read_text()
     rows = [json.loads(x) for x in (out / "results.jsonl").open()]
     assert len(rows) == 2 * (2 + 2 * 2)

@@ -146,3 +146,53 @@ def test_reverse_kd_is_kl_of_student_to_teacher():
     assert not torch.allclose(fwd, rev)
     torch.testing.assert_close(kd_loss(s, t, ex, reverse=0.3), 0.7 * fwd + 0.3 * rev)
     assert kd_loss(s, s.clone(), ex, reverse=0.5) == 0
+
+
+def _micro(name: str):
+    from qat.models import load
+    from tests.conftest import ROOT
+
+    return load(ROOT / "checkpoints" / name)[0]
+
+
+@pytest.mark.parametrize("name", ["micro-qwen3", "micro-coda"])
+def test_scored_head_gives_the_full_forward_losses_and_gradients(name):
+    """The LM head run only on the scored positions (`scored_head`: [B, L−1, V] for AR rows, [N, V] for masked
+    diffusion) gives the losses and parameter gradients of the full [B, L, V] forward, for CE and KD."""
+    model = _micro(name)
+    x = torch.randint(0, 256, (3, 24), generator=gen(7))
+    ex = (diffusion_example(x, model.config.mask_token_id, generator=gen(8)) if name == "micro-coda"
+          else causal_example(x))  # fmt: skip
+    sel = objectives.scored_positions(ex)
+    assert (sel is None) == (name == "micro-qwen3")
+    teacher = torch.randn(3, 24, model.config.vocab_size, generator=gen(9))
+
+    def loss_and_grads(scored: bool):
+        model.zero_grad()
+        with objectives.scored_head(model, sel) if scored else torch.enable_grad():
+            logits = model(input_ids=ex.inputs).logits
+        assert logits.dim() == (2 if scored and sel is not None else 3)
+        if scored:
+            assert logits.shape[-2] == (ex.weight.shape[1] if sel is None else int(sel.sum()))
+        t = teacher[:, :-1][ex.weight > 0] if scored and sel is not None else teacher[:, :-1] if scored else teacher
+        loss = ce_loss(logits, ex) + kd_loss(logits, t, ex, 2.0, 0.3)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    want, want_g = loss_and_grads(False)
+    got, got_g = loss_and_grads(True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone after the context
+
+
+def test_temperature_one_divides_by_nothing_and_ce_reuses_kd_log_softmax():
+    """T = 1 skips the division (x / 1 is x, bit for bit); the trainer's logged CE read off KD's student
+    log-softmax equals `ce_loss`."""
+    x = ids()
+    ex = diffusion_example(x, MASK, generator=gen(3))
+    s = torch.randn(*x.shape, V, generator=gen(4))
+    log_s, w = objectives.log_probs(s, ex)
+    assert torch.equal(log_s, F.log_softmax(s[:, :-1][ex.weight > 0], -1))
+    assert torch.equal(objectives.nll(log_s, w, ex), ce_loss(s, ex))

@@ -440,6 +440,23 @@ def test_delayed_fake_quant_and_frozen_teacher(tmp_path):
     assert hidden[0] == pytest.approx(0.0, abs=1e-6) and hidden[2] > 0  # layers differ once fake quant is on
 
 
+@pytest.mark.parametrize("family", ["qwen3", "coda"])
+def test_teacher_cache_trains_bit_for_bit_like_the_teacher(tmp_path, family, capsys):
+    """train.teacher_cache: a first run (every batch computed and kept) and a second one (every batch read back)
+    end with the weights of a run without the cache, bit for bit; for CoDA the noised inputs are the keys."""
+    extra = ["train.steps=3", "train.kd=0.7", "train.kd_teacher=frozen", "quant.init=gptq", "quant.calib_samples=4",
+             "quant.calib_seq_len=64"]  # fmt: skip
+    if family == "coda":
+        extra += ["model.family=coda", f"model.path={ROOT / 'checkpoints/micro-coda'}"]
+    plain = load_file(run(tmp_path / "plain", *extra) / "model.safetensors")
+    for name, says in (("first", "0 batches read"), ("second", "3 batches read")):
+        final = run(tmp_path / name, *extra, f"train.teacher_cache={tmp_path / 'cache'}")
+        assert f"train.teacher_cache: {says}" in capsys.readouterr().out
+        got = load_file(final / "model.safetensors")
+        assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in plain), name
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+
+
 def test_delayed_fake_quant_rederives_the_grids(tmp_path, monkeypatch):
     """When fake quant switches on after float steps, every grid is fitted anew to the weights as they are then
     (the grid of the starting weights no longer fits them), once, at that step."""
