@@ -106,14 +106,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             recipe, model, teacher, cached, batches = setup(family, args.bits, Path(tmp))
             start = copy.deepcopy(model.state_dict())
+            for i, b in enumerate(batches[1 : args.steps + 1], 1):  # fill the cache of the timed batches
+                cached(input_ids=objectives.example(family, b, model.config, recipe.diffusion,
+                                                    objectives.noise_generator("cpu", 0, 0, i, 0)).inputs)
             first = {}
-            for v in VARIANTS:  # the first batch's loss from the same weights; fills the cache for `cached`
+            for v in VARIANTS:  # the first batch's loss from the same weights (and batch 0 into the cache)
                 model.load_state_dict(start)
                 opt = torch.optim.AdamW(param_groups(model, 0.0, recipe.train.scales_lr_ratio), lr=recipe.train.lr)
                 first[v] = step(v, recipe, model, teacher, cached, batches[0], 0, opt)
-                for i, b in enumerate(batches[1 : args.steps + 1], 1):
-                    cached(input_ids=objectives.example(family, b, model.config, recipe.diffusion,
-                                                        objectives.noise_generator("cpu", 0, 0, i, 0)).inputs)
             best = dict.fromkeys(VARIANTS, float("inf"))
             for _ in range(args.rounds):
                 for v in VARIANTS:

@@ -63,6 +63,7 @@ loaded at once), median and range, labelled with the device, dtype and the paths
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -395,22 +396,26 @@ def write(rows: list[dict], out: Path) -> None:
 
 def auto_metric(recipe) -> str:
     """`heldout` for models under 50M parameters (the tiny ones, which solve no HumanEval problem), else `passk`:
-    decided by the model the recipe starts from, so every cell of a recipe gets the same metric. Counted from the
-    checkpoint's safetensors headers (no weights read), or from the loaded model when it is not a local directory."""
+    decided by the model the recipe starts from, so every cell of a recipe gets the same metric."""
+    return "heldout" if parameter_count(recipe.model.path) < 50e6 else "passk"
+
+
+@functools.cache
+def parameter_count(path: str) -> int:
+    """Parameters of the checkpoint at `path`, counted once per process: from its safetensors headers (no weights
+    read), or from the loaded model when it is not a local directory (a hub id)."""
     from safetensors import safe_open
 
-    path = Path(recipe.model.path)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    if files:
-        n = 0
-        for f in files:
-            with safe_open(f, "pt") as st:
-                n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
-    else:
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
         from qat.models import load
 
-        n = sum(p.numel() for p in load(recipe.model.path)[0].parameters())
-    return "heldout" if n < 50e6 else "passk"
+        return sum(p.numel() for p in load(path)[0].parameters())
+    n = 0
+    for f in files:
+        with safe_open(f, "pt") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
+    return n
 
 
 # -------------------------------------------------------------------------------------------------- the report
